@@ -1,0 +1,273 @@
+"""Corpus loading (through ``datasets``), cached tokenization, and training windows.
+
+Every source ends up as three strings (train, validation, test). Tokenized splits are cached as
+``.npy`` token arrays keyed by the corpus and tokenizer fingerprints, and read back memory-mapped,
+so a second run neither re-tokenizes nor copies the token stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pocketgpt.config import DataConfig
+
+SPLITS = ("train", "validation", "test")
+CACHE_FORMAT = 1  # bump when the cached token layout changes
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Raw text of the three splits."""
+
+    name: str
+    train: str
+    validation: str
+    test: str
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for split in SPLITS:
+            data = getattr(self, split).encode("utf-8")
+            h.update(f"{split}:{len(data)}:".encode())
+            h.update(data)
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def embedded_corpus_dir() -> Path:
+    return Path(str(resources.files("pocketgpt") / "corpus" / "wikitext2_mini"))
+
+
+def _hf_cache(cache_dir: str | os.PathLike) -> str:
+    return str(Path(cache_dir) / "hf_datasets")
+
+
+def _join_lines(rows: list[str]) -> str:
+    """Rows from the ``text`` builder keep their line breaks; add one where a row lacks it."""
+    return "".join(r if r.endswith("\n") else r + "\n" for r in rows)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _load_files(data_files: dict[str, str], cache_dir: str | os.PathLike, column: str) -> dict:
+    import datasets
+
+    datasets.disable_progress_bars()
+    kinds = {Path(p).suffix for p in data_files.values()}
+    builder = "parquet" if kinds == {".parquet"} else "text"
+    if builder == "text" and ".parquet" in kinds:
+        raise DataError("data=files: mix of parquet and text files; use one kind for all splits")
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=data_files, cache_dir=_hf_cache(cache_dir), **kwargs
+        )
+    except Exception as e:  # datasets wraps the real cause in DatasetGenerationError
+        cause = _root_cause(e)
+        files = ", ".join(sorted(set(data_files.values())))
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(
+                f"one of {files} is not UTF-8 text ({cause.reason} at byte {cause.start}); "
+                f"convert it, e.g. iconv -t UTF-8"
+            ) from None
+        raise DataError(f"could not read {files}: {type(cause).__name__}: {cause}") from None
+    out = {}
+    for split in data_files:
+        if column not in ds[split].column_names:
+            raise DataError(
+                f"{data_files[split]} has no column {column!r} "
+                f"(columns: {ds[split].column_names}); set data.text_column"
+            )
+        out[split] = (
+            _join_lines(ds[split][column]) if builder == "text" else "\n".join(ds[split][column])
+        )
+    return out
+
+
+def _check_manifest(directory: Path, texts: dict[str, str]) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for split, text in texts.items():
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest != manifest[split]["sha256"]:
+            raise DataError(
+                f"embedded corpus {directory / manifest[split]['file']} is corrupt "
+                f"(sha256 mismatch); reinstall pocketgpt or rebuild it with "
+                f"scripts/build_wikitext2_mini.py"
+            )
+
+
+def _load_hub(cfg: DataConfig, cache_dir: str | os.PathLike) -> dict[str, str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, cache_dir=_hf_cache(cache_dir))
+    except Exception as e:  # the Hub client raises many kinds when it is offline
+        raise DataError(
+            f"data=wikitext2 could not load {cfg.hub_name}/{cfg.hub_config} from the Hugging Face "
+            f"Hub ({type(e).__name__}); offline, use data=wikitext2_mini (embedded) or "
+            f"data=files data.train=... data.validation=... data.test=..."
+        ) from None
+    # The Hub stores a blank raw line as "" and every other line with its "\n": map "" back to
+    # the raw " \n" so the text matches the original wiki.*.raw files byte for byte.
+    return {split: "".join(row if row else " \n" for row in ds[split]["text"]) for split in SPLITS}
+
+
+def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
+    """Load the configured source into a Corpus of three text splits."""
+    if cfg.source == "wikitext2_mini":
+        directory = embedded_corpus_dir()
+        files = {split: str(directory / f"{split}.txt.gz") for split in SPLITS}
+        texts = _load_files(files, cache_dir, "text")
+        _check_manifest(directory, texts)
+        name = "wikitext2_mini"
+    elif cfg.source == "wikitext2":
+        texts = _load_hub(cfg, cache_dir)
+        name = f"{cfg.hub_name}/{cfg.hub_config}"
+    elif cfg.source == "files":
+        paths = {split: getattr(cfg, split) for split in SPLITS}
+        missing = [s for s, p in paths.items() if not p]
+        if missing:
+            raise DataError(
+                f"data=files needs a path for every split; missing: "
+                f"{', '.join(f'data.{s}' for s in missing)}"
+            )
+        for split, p in paths.items():
+            if not glob.glob(p):
+                raise DataError(f"data.{split}={p}: no such file")
+        texts = _load_files(paths, cache_dir, cfg.text_column)
+        name = "files"
+    else:
+        raise DataError(f"data.source={cfg.source!r} is not wikitext2_mini, wikitext2 or files")
+    for split, text in texts.items():
+        if not text.strip():
+            raise DataError(f"the {split} split of {name} is empty")
+    return Corpus(name=name, **texts)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    tokens: np.ndarray  # (N,) token ids, memory-mapped from the cache
+    n_bytes: int  # UTF-8 bytes of the text the tokens encode (for bits per byte)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(len(self.tokens), 1)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _encode_split(text: str, tokenizer) -> np.ndarray:
+    # Encode line by line (pre-tokens never need to cross a line break to stay lossless), which
+    # lets the tokenizer's batch path and per-word cache do the work.
+    lines = text.splitlines(keepends=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    ids = tokenizer.encode_batch(lines)
+    return np.fromiter((t for line in ids for t in line), dtype=dtype)
+
+
+def tokenize_corpus(
+    corpus: Corpus, tokenizer, cache_dir: str | os.PathLike
+) -> dict[str, TokenizedSplit]:
+    """Tokenize every split, or read them back from the cache."""
+    key = hashlib.sha256(
+        f"{CACHE_FORMAT}:{corpus.fingerprint}:{tokenizer.fingerprint}".encode()
+    ).hexdigest()[:24]
+    directory = Path(cache_dir) / "tokens" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in SPLITS:
+        path = directory / f"{split}.npy"
+        if not path.exists():
+            _atomic_save_npy(path, _encode_split(getattr(corpus, split), tokenizer))
+        tokens = np.load(path, mmap_mode="r")
+        out[split] = TokenizedSplit(tokens, len(getattr(corpus, split).encode("utf-8")))
+    return out
+
+
+# --------------------------------------------------------------------------- windows
+
+
+class TokenWindows:
+    """Windows of ``block_size + 1`` tokens, starting every ``stride`` tokens.
+
+    With the default stride (= block_size) the targets of consecutive windows tile the stream
+    without overlap: window i covers tokens[i*B : i*B + B + 1].
+
+    >>> w = TokenWindows(np.arange(10), block_size=4)
+    >>> len(w), w[0].tolist(), w[1].tolist()
+    (2, [0, 1, 2, 3, 4], [4, 5, 6, 7, 8])
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, stride: int | None = None):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.stride = stride or block_size
+        span = block_size + 1
+        self.n = 0 if len(tokens) < span else (len(tokens) - span) // self.stride + 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        start = i * self.stride
+        return np.asarray(self.tokens[start : start + self.block_size + 1])
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack windows into inputs and targets, each (len(indices), block_size) int64."""
+        starts = np.asarray(indices, dtype=np.int64) * self.stride
+        rows = starts[:, None] + np.arange(self.block_size + 1)  # (b, block+1)
+        xy = torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.int64))
+        return xy[:, :-1], xy[:, 1:]
+
+    def epoch_batches(
+        self, batch_size: int, epoch: int, seed: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled full batches for one epoch; the order depends only on (seed, epoch)."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(self.n, generator=g).numpy()
+        for b in range(start_batch, self.n // batch_size):
+            yield self.batch(order[b * batch_size : (b + 1) * batch_size])
+
+    def sequential_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every window in order, the last batch possibly short (for evaluation)."""
+        for start in range(0, self.n, batch_size):
+            yield self.batch(np.arange(start, min(start + batch_size, self.n)))

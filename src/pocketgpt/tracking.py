@@ -1,0 +1,153 @@
+"""MLflow tracking for one training run, through an explicit ``MlflowClient`` (no global run).
+
+The default store is a SQLite database and an artifact folder, both in ``./mlruns``.
+``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) points elsewhere, a tracking server included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from pocketgpt.config import TrackingConfig
+
+DEFAULT_STORE_DIR = "mlruns"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; the message names the URI."""
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db."""
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path.cwd() / DEFAULT_STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database, not in a cwd-relative default."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.resolve().parent / "artifacts").as_uri()
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c': [1, 2]} -> {'a.b': 1, 'c': '[1, 2]'}"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, str | int | float | bool) or v is None else str(v)
+    return out
+
+
+def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    """The commit and dirty flag of the source tree, when it is a git checkout."""
+    root = Path(cwd) if cwd else Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return {}
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {
+        "mlflow.source.git.commit": commit.stdout.strip(),
+        "git.dirty": str(bool(status.stdout.strip())).lower(),
+    }
+
+
+class Tracker:
+    """One MLflow run: params, metrics, tags, artifacts, and a guaranteed final status."""
+
+    def __init__(self, cfg: TrackingConfig):
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.uri = resolve_tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.experiment_name
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                return exp.experiment_id
+            return self.client.create_experiment(
+                name, artifact_location=_artifact_location(self.uri)
+            )
+        except MlflowException as e:
+            if "already exists" in str(e):  # another job of a parallel sweep created it first
+                return self.client.get_experiment_by_name(name).experiment_id
+            raise TrackingError(f"MLflow store {self.uri} failed: {e}") from None
+
+    def start(
+        self,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        self.experiment_id = self._experiment_id()
+        all_tags = {**git_state(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-request cap on params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def run_url(self) -> str:
+        return f"experiment {self.experiment_id}, run {self.run_id} in {self.uri}"
