@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench_tokenizer: missing data file(s): {', '.join(missing)}", file=sys.stderr)
         return 2
+    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     text = "".join(f.read_text(encoding="utf-8") for f in files)
     lines = text.splitlines(keepends=True)
     mb = len(text.encode("utf-8")) / 1e6
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         machine = (
             f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs "
             f"({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} "
-            f"usable), Python {platform.python_version()}"
+            f"usable), Python {platform.python_version()}, load average before the run "
+            f"{load_before} (a shared machine: other work competes for the cores)"
         )
         versions = ", ".join(
             f"{p} {version(p)}" for p in ("tokenizers", "tiktoken", "regex", "transformers")

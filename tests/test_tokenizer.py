@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pocketgpt.tokenizer import (
     BPETokenizer,
@@ -161,21 +163,64 @@ def test_save_load_without_specials(tmp_path):
     assert again.encode("hi", add_special_tokens=True) == tok.encode("hi")
 
 
-def test_exported_hf_matches(trained, tmp_path):
-    if not isinstance(trained, BPETokenizer):
-        pytest.skip("export equivalence is about our tokenizer")
+def test_exported_hf_matches(pattern, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
+    ours = BPETokenizer(vocab_size=400, pattern=pattern)
+    ours.train(CORPUS)
     path = tmp_path / "tokenizer.json"
-    trained.save_hf(path)
+    ours.save_hf(path)
     hf = tokenizers.Tokenizer.from_file(str(path))
-    texts = [t for t in TRICKY + CORPUS[:5]]
-    for text in texts:
-        assert hf.encode(text, add_special_tokens=False).ids == trained.encode(
-            text, allow_special=True
-        ), text
-        assert hf.encode(text).ids == trained.encode(
-            text, add_special_tokens=True, allow_special=True
-        )
+    for text in TRICKY + CORPUS[:5]:
+        mine = ours.encode(text, allow_special=True)
+        assert hf.encode(text, add_special_tokens=False).ids == mine, text
+        # The export's post-processor adds <bos> ... <eos>, the tokenizers default.
+        assert hf.encode(text).ids == ours.encode(text, add_special_tokens=True, allow_special=True)
+        assert hf.decode(mine, skip_special_tokens=False) == text
+
+
+def _naive_train(texts: list[str], vocab_size: int) -> list[tuple[int, int]]:
+    """Reference trainer: recount every pair before each merge (slow, obviously right)."""
+    from collections import Counter
+
+    from pocketgpt.tokenizer.pretokenize import split_pieces
+
+    words = Counter(tuple(p.encode()) for t in texts for p in split_pieces(t))
+    spelled = [bytes([i]) for i in range(256)]
+    merges = []
+    while len(spelled) < vocab_size:
+        counts = Counter()
+        for w, c in words.items():
+            for p in zip(w, w[1:]):
+                counts[p] += c
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent, then smallest ids
+        merged = spelled[best[0]] + spelled[best[1]]
+        new = spelled.index(merged) if merged in spelled else len(spelled)
+        if new == len(spelled):
+            spelled.append(merged)
+        merges.append(best)
+        rewritten = Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            rewritten[tuple(out)] += c
+        words = rewritten
+    return merges
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(alphabet="aab c", max_size=30), max_size=8))
+def test_incremental_training_equals_naive(texts):
+    tok = BPETokenizer(vocab_size=256 + 20, special_tokens=())
+    tok.train(texts)
+    assert tok.merges == _naive_train(texts, 256 + 20)
 
 
 @pytest.mark.parametrize(
@@ -347,3 +392,42 @@ def test_reused_token_when_bytes_already_exist(tmp_path):
     hf = load_tokenizer(tmp_path / "hf.json")
     for text in ["abc", "bc", "xabcabc", "aabcc"]:
         assert hf.encode(text) == tok.encode(text)
+
+
+def test_decode_rejects_bad_ids_and_takes_numpy(trained):
+    import numpy as np
+
+    ids = trained.encode("hello wörld")
+    assert trained.decode(np.array(ids, dtype=np.uint16)) == "hello wörld"
+    if isinstance(trained, BPETokenizer):
+        for bad in ([-1], [trained.vocab_size]):
+            with pytest.raises(ValueError, match="ids must be"):
+                trained.decode(bad)
+
+
+@pytest.fixture(scope="module", params=["ours", "hf"])
+def saved_text(request, tmp_path_factory):
+    tok = BPETokenizer(vocab_size=280)
+    tok.train(CORPUS)
+    path = tmp_path_factory.mktemp("fuzz") / "t.json"
+    (tok.save if request.param == "ours" else tok.save_hf)(path)
+    return path.read_text()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_any_corruption_is_a_tokenizer_error(saved_text, tmp_path_factory, data):
+    """Cut, or overwrite a few characters of, a good file: it loads or says TokenizerError."""
+    text = saved_text
+    if data.draw(st.booleans()):
+        text = text[: data.draw(st.integers(0, len(text) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 3))):
+            i = data.draw(st.integers(0, len(text) - 1))
+            text = text[:i] + data.draw(st.sampled_from('0179"[]{},:-x ')) + text[i + 1 :]
+    path = tmp_path_factory.mktemp("c") / "t.json"
+    path.write_text(text)
+    try:
+        load_tokenizer(path)
+    except TokenizerError as e:
+        assert "\n" not in str(e) and str(path) in str(e)

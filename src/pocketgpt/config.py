@@ -87,7 +87,7 @@ class TrainerConfig:
     """The training loop: device, precision, budget, batching, evaluation."""
 
     device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     compile: str = "auto"  # auto | true | false
     epochs: int = 1000  # an upper bound; max_steps and max_time usually stop first
     max_steps: int = 1000
@@ -101,6 +101,12 @@ class TrainerConfig:
     patience: int | None = None  # evaluations without improvement before stopping; null = off
     seed: int = 1337
     threads: int | None = None  # torch intra-op threads; null = torch's default
+    checkpoint_interval: int | None = 100  # steps between checkpoints (and one at the end)
+    checkpoint_dir: str | None = None  # null = <Hydra output folder>/checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (and in MLflow)
+    checkpoint_to_mlflow: bool = False  # also copy each checkpoint into the run's artifacts
+    resume: str | None = None  # auto | a checkpoint file or folder | an MLflow run id
+    on_nonfinite: str = "fail"  # fail | skip: what a NaN/inf loss does
     sample_tokens: int = 40  # length of the greedy sample printed at the end
     sample_prompt: str = "The meaning of life is"
     progress: bool = True  # a tqdm progress bar on stderr
@@ -114,6 +120,7 @@ class TrackingConfig:
     experiment_name: str = "pocketgpt"
     run_name: str | None = None
     log_model: bool = True
+    register_as: str | None = None  # NAME or NAME@ALIAS: register the final model as a version
 
 
 @dataclass
@@ -148,8 +155,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "trainer.device": ("auto", "cpu", "cuda", "mps"),
-    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.compile": ("auto", "true", "false"),
+    "trainer.on_nonfinite": ("fail", "skip"),
 }
 
 
@@ -225,5 +233,25 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.max_time={tr.max_time} must be positive seconds, or null")
     if tr.patience is not None and tr.patience <= 0:
         raise ConfigError(f"trainer.patience={tr.patience} must be positive, or null for off")
+    if tr.checkpoint_interval is not None and tr.checkpoint_interval <= 0:
+        raise ConfigError(
+            f"trainer.checkpoint_interval={tr.checkpoint_interval} must be positive, or null"
+        )
+    if tr.keep_checkpoints <= 0:
+        raise ConfigError(f"trainer.keep_checkpoints={tr.keep_checkpoints} must be at least 1")
     if tr.eval_max_batches is not None and tr.eval_max_batches <= 0:
         raise ConfigError(f"trainer.eval_max_batches={tr.eval_max_batches} must be positive")
+    reg = cfg.tracking.register_as
+    if reg is not None:
+        if not cfg.tracking.log_model:
+            raise ConfigError(
+                f"tracking.register_as={reg!r} needs tracking.log_model=true (nothing to register)"
+            )
+        name, _, alias = reg.partition("@")
+        if not name.strip() or "@" in alias or (reg.count("@") and not alias.strip()):
+            raise ConfigError(f"tracking.register_as={reg!r} must be NAME or NAME@ALIAS")
+        if alias and alias[0] == "v" and alias[1:].isdigit():
+            raise ConfigError(
+                f"tracking.register_as={reg!r}: alias {alias!r} looks like a version; pick "
+                "another alias, e.g. best"
+            )

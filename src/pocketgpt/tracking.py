@@ -7,6 +7,7 @@ The default store is a SQLite database and an artifact folder, both in ``./mlrun
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -76,15 +77,56 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     }
 
 
+def _is_locked(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls retry with jittered backoff while SQLite is locked.
+
+    Parallel sweep jobs (hydra/launcher=joblib) write to one SQLite file; SQLite answers
+    "database is locked" at once, without waiting, when two writers would deadlock. Every call
+    runs in one transaction that is rolled back on that error, so a retry is safe.
+    """
+
+    def __init__(self, client: Any, retries: int = 8, base_delay: float = 0.05):
+        self._client = client
+        self._retries = retries
+        self._base_delay = base_delay
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(self._retries + 1):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if attempt == self._retries or not _is_locked(e):
+                        raise
+                    time.sleep(self._base_delay * 2**attempt * (1.0 + random.random()))
+            raise AssertionError("unreachable")
+
+        return call
+
+
+def make_client(uri: str) -> Any:
+    """An MlflowClient for ``uri`` that rides out SQLite lock contention (see RetryingClient)."""
+    from mlflow.tracking import MlflowClient
+
+    return RetryingClient(MlflowClient(tracking_uri=uri))
+
+
 class Tracker:
     """One MLflow run: params, metrics, tags, artifacts, and a guaranteed final status."""
 
     def __init__(self, cfg: TrackingConfig):
-        from mlflow.tracking import MlflowClient
-
         self.cfg = cfg
         self.uri = resolve_tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = make_client(self.uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
 
@@ -106,12 +148,40 @@ class Tracker:
                 return self.client.get_experiment_by_name(name).experiment_id
             raise TrackingError(f"MLflow store {self.uri} failed: {e}") from None
 
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast when a tracking server does not answer (MLflow itself retries for minutes)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return
+        import requests
+
+        try:
+            requests.get(self.uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as e:
+            raise TrackingError(
+                f"the MLflow tracking server at {self.uri} does not answer "
+                f"({type(e).__name__}); start it, or use tracking.uri=null for the local store"
+            ) from None
+
+    def resume(self, run_id: str) -> bool:
+        """Continue an existing run (after a crash); False when this store does not have it."""
+        from mlflow.exceptions import MlflowException
+
+        self.check_reachable()
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
     def start(
         self,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
     ) -> str:
+        self.check_reachable()
         self.experiment_id = self._experiment_id()
         all_tags = {**git_state(), **(tags or {})}
         if parent_run_id:
@@ -144,6 +214,17 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def keep_newest_artifacts(self, artifact_dir: str, keep: int) -> None:
+        """Delete all but the newest ``keep`` files (by name) in one artifact folder."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        files = sorted(a.path for a in self.client.list_artifacts(self.run_id, artifact_dir))
+        if len(files) <= keep:
+            return
+        repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+        for path in files[:-keep]:
+            repo.delete_artifacts(path)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -381,12 +381,15 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """``decode([258, 100]) -> "aaabd"`` (with the merges above). Unknown ids raise."""
         table = self._id_to_bytes
+        ids = ids if isinstance(ids, list) else list(ids)
         try:
+            if ids and min(ids) < 0:
+                raise IndexError  # a negative index would silently pick a token from the end
             if skip_special_tokens:
                 n = self._n_special
-                raw = b"".join(table[i] for i in ids if i >= n)
+                raw = b"".join([table[i] for i in ids if i >= n])
             else:
-                raw = b"".join(table[i] for i in ids)
+                raw = b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
             raise ValueError(f"decode: ids must be ints in 0..{self.vocab_size - 1}") from None
         try:
@@ -457,9 +460,10 @@ class BPETokenizer(Tokenizer):
             for m in merges
         ):
             raise TokenizerError(f"{where}: merges must be a list of [int, int] pairs")
+        target = d.get("target_vocab_size")
         try:
             tok = cls(
-                vocab_size=max(int(d.get("target_vocab_size") or 0), len(specials) + 256),
+                vocab_size=max(target if isinstance(target, int) else 0, len(specials) + 256),
                 pattern=pattern,
                 special_tokens=specials,
             )

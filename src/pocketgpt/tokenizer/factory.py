@@ -1,7 +1,10 @@
 """Load any tokenizer file, and build (train or reuse from cache) the configured tokenizer.
 
 >>> tok, path = build_tokenizer(cfg, train_text, ".cache")  # doctest: +SKIP
->>> path  # .cache/tokenizers/<sha256 key>/tokenizer.json; a second call loads it
+>>> str(path)  # doctest: +SKIP
+'.cache/tokenizers/<sha256 key>/tokenizer.json'
+
+A second call with the same text and settings loads that file instead of training.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ class HFTokenizer(Tokenizer):
 
     Trained here, its pre-tokenization is the same as ``BPETokenizer``'s (our regex, then bytes),
     specials come first (ids 0..n-1), then the 256 bytes in ``tokenizers``' own order, then merges.
-    Merge choice and tie-breaks are ``tokenizers``', so its vocab differs from ours.
+    Merge choice and tie-breaks are ``tokenizers``', so its vocab differs from ours. Rust strings
+    cannot hold lone surrogates (``"\\ud800"``), so unlike ``BPETokenizer`` it rejects them.
     """
 
     def __init__(
@@ -149,7 +150,8 @@ class HFTokenizer(Tokenizer):
         return [self._wrap(ids) for ids in out] if add_special_tokens else out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # int(): numpy or torch integers are not accepted by tokenizers as they are.
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -174,18 +176,22 @@ class HFTokenizer(Tokenizer):
     def from_json_dict(cls, data: Any, where: str = "<dict>") -> HFTokenizer:
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise TokenizerError(f"{where}: not a Hugging Face tokenizer.json (no 'model' object)")
-        try:
-            tok = tokenizers.Tokenizer.from_str(json.dumps(data))
-        except Exception as e:  # tokenizers raises a bare Exception with the serde message
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TokenizerError(f"{where}: tokenizers cannot load this file: {msg}") from None
         specials = [
             t["content"]
             for t in data.get("added_tokens") or []
             if isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)
         ]
         pattern = _known_pattern(data)
-        return cls(pattern=pattern, special_tokens=specials, _tokenizer=tok)
+        try:
+            tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+            # Inside the try: _set_tokenizer re-reads tok.to_str(), which a file that tokenizers
+            # only half-accepts can fail (a merge naming a token the vocab no longer has).
+            return cls(pattern=pattern, special_tokens=specials, _tokenizer=tok)
+        except TokenizerError as e:  # e.g. duplicate special tokens
+            raise TokenizerError(f"{where}: {e}") from None
+        except Exception as e:  # tokenizers raises a bare Exception with the serde message
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TokenizerError(f"{where}: tokenizers cannot load this file: {msg}") from None
 
 
 def _known_pattern(data: dict[str, Any]) -> str | None:

@@ -1,0 +1,138 @@
+"""`python -m pocketgpt.compare` on a real store that a real 3-job sweep wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pocketgpt.compare import compare, main
+from pocketgpt.config import TrackingConfig
+from pocketgpt.tracking import Tracker
+
+from .test_sweep import run_multirun, sweep_overrides
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "sweeps"
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """The same folder as test_sweep's: the tokenizer trains once per session."""
+    path = tmp_path_factory.getbasetemp() / "pocketgpt-shared-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, shared_cache):
+    """A store with one sweep of 3 jobs (lr 1e-3, 3e-3 and 1e30, which fails) and one lone run."""
+    root = tmp_path_factory.mktemp("compare")
+    proc = run_multirun(*sweep_overrides(), "optim.lr=1e-3,3e-3,1e30", cwd=root, cache=shared_cache)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the 1e30 job fails, as intended
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    lone = Tracker(TrackingConfig(uri=uri, experiment_name=EXPERIMENT))
+    lone.start(run_name="lone")
+    lone.log_params({"optim.lr": "0.5"})
+    lone.log_metrics({"val_loss": 9.0, "val_bpb": 9.5}, 1)
+    lone.end("FINISHED")
+    return root, uri, lone.run_id
+
+
+def _rows(out: str) -> list[list[str]]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_table_lists_the_sweep_sorted_by_the_metric(swept, capsys, tmp_path):
+    root, uri, lone_id = swept
+    code = main([EXPERIMENT, "--sweep", "latest", "--tracking-uri", uri, "--no-plot"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    header, *rows = _rows(out)
+    assert header[:3] == ["run", "job", "optim.lr"]  # the only param the sweep varied
+    assert "model.d_model" not in header
+    for column in ("best val_loss", "final val_loss", "best val_bpb", "final val_bpb"):
+        assert column in header
+    assert header[-3:] == ["tokens/s", "duration", "status"]
+    assert len(rows) == 3 and lone_id[:8] not in out  # only this sweep's jobs
+    lr = header.index("optim.lr")
+    bpb = header.index("best val_bpb")
+    assert [r[lr] for r in rows] == ["0.003", "0.001", "1e+30"]  # 3e-3 learns faster in 2 steps
+    assert float(rows[0][bpb]) < float(rows[1][bpb])
+    assert [r[-1] for r in rows] == ["FINISHED", "FINISHED", "FAILED"]
+    assert rows[2][bpb] == "-"
+    assert "failed: " in out and "NonFiniteLossError" in out
+    assert "best: " in out
+
+    # Without --sweep: every run of the experiment, the lone one included; sorted by val_loss.
+    c = compare(EXPERIMENT, metric="val_loss", tracking_uri=uri)
+    assert len(c.runs) == 4 and c.runs[-2].run_id == lone_id and c.runs[-1].status == "FAILED"
+
+
+def test_plot_shows_the_validation_curves(swept, capsys, tmp_path):
+    _, uri, _ = swept
+    png = tmp_path / "curves.png"
+    assert main([EXPERIMENT, "--sweep", "latest", "--tracking-uri", uri, "--plot", str(png)]) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    assert list(tmp_path.iterdir()) == [png]  # written atomically: no temp file left
+
+
+def test_alias_goes_to_the_best_runs_model_version(swept, capsys):
+    _, uri, _ = swept
+    c = compare(EXPERIMENT, sweep="latest", tracking_uri=uri)
+    best = c.best_run.run_id
+
+    alias = [EXPERIMENT, "--sweep", "latest", "--tracking-uri", uri, "--no-plot"]
+    alias += ["--alias", "champion"]
+    assert main(alias) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the best run {best} has no registered model version")
+    assert len(err.strip().splitlines()) == 1
+
+    client = MlflowClient(uri)
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", source=f"runs:/{best}/model", run_id=best)
+    assert main(alias) == 0
+    assert "alias: models:/tiny@champion -> version 1" in capsys.readouterr().out
+    assert client.get_model_version_by_alias("tiny", "champion").run_id == best
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["nope"], "error: no MLflow experiment 'nope' in sqlite:"),
+        ([EXPERIMENT, "--sweep", "2099-01-01/00-00-00"], "error: no sweep matches --sweep"),
+        ([EXPERIMENT, "--metric", "val_acc"], "error: no run logged the metric 'val_acc'"),
+    ],
+)
+def test_bad_input_is_one_line(swept, capsys, args, needle):
+    _, uri, _ = swept
+    assert main([*args, "--tracking-uri", uri, "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and len(err.strip().splitlines()) == 1
+
+
+def test_cli_finds_the_store_in_the_current_folder(swept):
+    root, _, _ = swept
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pocketgpt.compare", EXPERIMENT, "--sweep", "latest"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 runs, sorted by val_bpb" in proc.stdout
+    assert list(root.glob("compare-sweeps-*.png"))

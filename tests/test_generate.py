@@ -1,0 +1,345 @@
+"""Generation: the KV cache against full recomputation, sampling settings, batches, local loading
+and the ``python -m pocketgpt.generate`` command on a local model folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pocketgpt
+from pocketgpt.loading import ModelURIError, check_device, load, resolve
+from pocketgpt.model import GPTConfig, GPTMini
+from pocketgpt.model_io import ModelFileError, save_model
+from pocketgpt.sampling import (
+    KVDecoder,
+    SamplingConfig,
+    SamplingError,
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    generate_text,
+)
+
+from .conftest import ROOT
+
+CFG = GPTConfig(vocab_size=300, d_model=32, n_heads=4, d_ff=64, num_layers=2, max_len=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPTMini(CFG).eval()
+    # Sharper, more varied logits than the N(0, 0.02) init, so greedy paths have no near-ties.
+    with torch.no_grad():
+        m.tok_emb.weight.normal_(0, 1.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pocketgpt.tokenizer import BPETokenizer
+
+    tok = BPETokenizer(vocab_size=300)
+    tok.train(["The meaning of life is to train a small model.\n"] * 5 + ["Once upon a time\n"])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer):
+    d = tmp_path_factory.mktemp("local_model")
+    save_model(model, d)
+    tokenizer.save(d / "tokenizer.json")
+    return d
+
+
+def reference_greedy(model, prompt, n):
+    """No cache: every step re-runs the last max_len tokens (as nanoGPT does)."""
+    ids, logits = prompt, []
+    for _ in range(n):
+        step = model(ids[:, -model.config.max_len :])[:, -1]
+        logits.append(step)
+        ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompt.size(1) :], logits
+
+
+def recorded_logits(monkeypatch):
+    """Record every logits tensor the KV decoder returns to generate()."""
+    seen = []
+    for name in ("prefill", "step"):
+        original = getattr(KVDecoder, name)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            seen.append(out.clone())
+            return out
+
+        monkeypatch.setattr(KVDecoder, name, wrapper)
+    return seen
+
+
+@pytest.mark.parametrize("prompt_len", [5, 31, 32, 45], ids=["short", "fills-1", "fills", "long"])
+def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prompt_len):
+    torch.manual_seed(prompt_len)
+    prompt = torch.randint(0, CFG.vocab_size, (2, prompt_len))
+    n = 40  # runs well past max_len=32: the window slides in every case
+    expected, ref_logits = reference_greedy(model, prompt, n)
+    seen = recorded_logits(monkeypatch)
+    got = generate(model, prompt, SamplingConfig(max_new_tokens=n))
+    assert torch.equal(got, expected)
+    assert len(seen) == n
+    for step, (a, b) in enumerate(zip(seen, ref_logits)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step}: {(a - b).abs().max()}"
+
+
+def test_decoder_logits_match_forward_at_every_position(model):
+    ids = torch.randint(0, CFG.vocab_size, (3, CFG.max_len))
+    full = model(ids)  # (3, L, V)
+    dec = KVDecoder(model, 3)
+    assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], atol=1e-5, rtol=0)
+    for t in range(4, CFG.max_len):
+        assert torch.allclose(dec.step(ids[:, t : t + 1]), full[:, t], atol=1e-5, rtol=0)
+    with pytest.raises(SamplingError, match="cache is full"):
+        dec.step(ids[:, :1])
+
+
+def test_without_cache_and_with_a_wide_slide(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 10))
+    cached = generate(model, prompt, SamplingConfig(max_new_tokens=40))
+    uncached = generate(model, prompt, SamplingConfig(max_new_tokens=40, use_cache=False))
+    assert torch.equal(cached, uncached)
+    # slide=8 re-prefills less often; before the first slide (22 tokens fit) it is identical.
+    wide = generate(model, prompt, SamplingConfig(max_new_tokens=40, slide=8))
+    assert wide.shape == (1, 40)
+    assert torch.equal(wide[:, :23], cached[:, :23])
+
+
+def test_ragged_batch_matches_each_prompt_alone(model):
+    prompts = [[5, 6, 7], list(range(10, 40)), [9] * 12, [1]]
+    cfg = SamplingConfig(max_new_tokens=12)
+    batched = generate(model, prompts, cfg)
+    for row, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), cfg)
+        assert torch.equal(batched[row], alone[0]), row
+
+
+def test_seeded_sampling_is_reproducible(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    a, b = generate(model, prompt, cfg), generate(model, prompt, cfg)
+    assert torch.equal(a, b)
+    cfg.seed = 124
+    assert not torch.equal(a, generate(model, prompt, cfg))
+
+
+def test_top_k_1_and_top_p_0_equal_greedy(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
+    greedy = generate(model, prompt, SamplingConfig(max_new_tokens=20))
+    for extra in ({"top_k": 1}, {"top_p": 0.0}):
+        cfg = SamplingConfig(max_new_tokens=20, temperature=1.5, seed=0, **extra)
+        assert torch.equal(generate(model, prompt, cfg), greedy), extra
+
+
+def test_top_p_1_is_plain_sampling(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 6))
+    plain = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
+    full = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7, top_p=1.0, top_k=0)
+    assert torch.equal(generate(model, prompt, plain), generate(model, prompt, full))
+
+
+def test_filter_logits_edges():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+    assert torch.isfinite(filter_logits(logits, top_p=1e-9)).tolist() == [
+        [True, False, False, False]
+    ]
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.equal(filter_logits(logits, top_k=10), logits)  # k >= vocab: nothing dropped
+    # p(3.0) ~ 0.64: 0.5 keeps one token, 0.7 keeps two
+    assert int(torch.isfinite(filter_logits(logits, top_p=0.5)).sum()) == 1
+    assert int(torch.isfinite(filter_logits(logits, top_p=0.7)).sum()) == 2
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_repetition_penalty_discourages_repeats(model):
+    prompt = torch.tensor([[7] * 8])
+    plain = generate(model, prompt, SamplingConfig(max_new_tokens=24))
+    penalized = generate(model, prompt, SamplingConfig(max_new_tokens=24, repetition_penalty=50.0))
+    assert len(set(penalized[0].tolist())) > len(set(plain[0].tolist()))
+
+
+def test_stops_at_eos_per_row(model):
+    prompts = torch.randint(0, CFG.vocab_size, (3, 5))
+    free = generate(model, prompts, SamplingConfig(max_new_tokens=10))
+    eos = int(free[0, 2])  # row 0 emits it by step 3
+    first = free[0].tolist().index(eos)
+    out = generate(model, prompts, SamplingConfig(max_new_tokens=10), eos_id=eos)
+    assert out[0, : first + 1].tolist() == free[0, : first + 1].tolist()
+    assert (out[0, first:] == eos).all()  # finished rows are filled with eos
+    keep = generate(model, prompts, SamplingConfig(max_new_tokens=10, stop_at_eos=False), eos)
+    assert torch.equal(keep, free)
+    one = generate(model, prompts[:1], SamplingConfig(max_new_tokens=10), eos_id=eos)
+    first = free[0].tolist().index(eos)
+    assert one.tolist() == [free[0, : first + 1].tolist()]  # one row stops right after eos
+
+
+def test_on_token_streams_every_step(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 4))
+    got = []
+    out = generate(model, prompt, SamplingConfig(max_new_tokens=6), on_token=got.append)
+    assert torch.equal(torch.cat(got, dim=1), out)
+
+
+def test_bad_settings_and_prompts_are_one_line_errors(model):
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    cases = [
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_k": -2}, "top_k=-2"),
+        ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty=0.0"),
+        ({"slide": 33}, "slide=33"),
+    ]
+    for kwargs, text in cases:
+        with pytest.raises(SamplingError, match=text) as e:
+            generate(model, prompt, SamplingConfig(**kwargs))
+        assert "\n" not in str(e.value)
+    with pytest.raises(SamplingError, match="token id 300 is outside"):
+        generate(model, [[1, 300]], SamplingConfig())
+    with pytest.raises(SamplingError, match="empty"):
+        generate(model, [[1], []], SamplingConfig())
+    assert generate(model, prompt, SamplingConfig(max_new_tokens=0)).shape == (1, 0)
+
+
+def test_generate_text_streams_whole_characters(model, tokenizer):
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    cfg = SamplingConfig(max_new_tokens=15, temperature=1.0, seed=3)
+    prompts = ["The meaning of life is", "Once"]
+    texts = generate_text(model, tokenizer, prompts, cfg, on_text=lambda r, t: pieces[r].append(t))
+    assert len(texts) == 2
+    for row, text in enumerate(texts):
+        assert "".join(pieces[row]) == text.rstrip("\ufffd")
+    with pytest.raises(SamplingError, match="encodes to no tokens"):
+        generate_text(model, tokenizer, [""], cfg)
+
+
+def test_load_a_local_folder(model, model_dir):
+    loaded, tok = pocketgpt.load(model_dir)
+    assert not loaded.training
+    ids = torch.randint(0, CFG.vocab_size, (1, 9))
+    assert torch.equal(loaded(ids), model(ids))
+    assert tok.vocab_size == CFG.vocab_size
+    again = load(str(model_dir), device="cpu")
+    assert torch.equal(again.model.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_bad_uris_and_missing_files_are_one_line_errors(tmp_path, model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./mlruns here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cases = [
+        ("", ModelURIError, "empty"),
+        ("/no/such/folder", ModelURIError, "neither a folder nor a model URI"),
+        ("s3://bucket/model", ModelURIError, "unsupported scheme 's3'"),
+        ("models:/onlyname", ModelURIError, "needs a version or alias"),
+        ("runs:/abc", ModelURIError, "needs a run id and a path"),
+        ("runs:/abc/model", ModelURIError, "no MLflow store at"),
+        ("best:", ModelURIError, "needs an experiment name"),
+    ]
+    for uri, err, text in cases:
+        with pytest.raises(err, match=text) as e:
+            load(uri)
+        assert "\n" not in str(e.value), uri
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match="holds no pocketgpt model"):
+        load(empty)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_config.json").write_text((model_dir / "model_config.json").read_text())
+    with pytest.raises(ModelFileError, match="tokenizer.json is missing"):
+        load(partial)
+    (partial / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
+    with pytest.raises(ModelFileError, match="model.safetensors is missing"):
+        load(partial)
+    with pytest.raises(ModelURIError, match="device='tpu' is not a torch device"):
+        check_device("tpu")
+    assert resolve(str(model_dir), tmp_path) == model_dir
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pocketgpt.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd or ROOT,
+        env=env,
+    )
+
+
+def test_command_on_a_local_folder(model_dir, tmp_path, model, tokenizer):
+    r = _cli(f"model_uri={model_dir}", "prompt=The meaning of life is", "max_new_tokens=12")
+    assert r.returncode == 0, r.stderr
+    expected = generate_text(model, tokenizer, ["The meaning of life is"], SamplingConfig(12))[0]
+    assert r.stdout == "The meaning of life is" + expected + "\n"  # streamed, then a newline
+    assert "tokens/s" in r.stderr
+    assert not (ROOT / ".hydra").exists()  # hydra.output_subdir: null, hydra.run.dir: .
+
+    r = _cli(cwd=tmp_path)  # no model_uri
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: model_uri is missing") and r.stderr.count("\n") == 1
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_command_config_batches_and_errors(compose_cfg, model_dir, capsys):
+    from omegaconf import OmegaConf
+
+    from pocketgpt.generate import _known_errors, register_configs, run
+
+    register_configs()
+    dcfg = compose_cfg(
+        f"model_uri={model_dir}",
+        "prompts=[Once upon a time,The meaning]",
+        "max_new_tokens=5",
+        "temperature=0.7",
+        "top_k=40",
+        "seed=1",
+        "threads=null",
+        name="generate",
+    )
+    texts = run(OmegaConf.to_object(dcfg))
+    out = capsys.readouterr().out
+    assert out == f"[0] Once upon a time{texts[0]}\n[1] The meaning{texts[1]}\n"
+    for override, err, text in [
+        ("top_p=2", SamplingError, "top_p=2.0 must be in [0, 1]"),
+        ("model_uri=/no/such/dir", ModelURIError, "neither a folder nor a model URI"),
+        ("slide=99", SamplingError, "slide=99 must be between 1 and model max_len=32"),
+    ]:
+        overrides = (f"model_uri={model_dir}", override, "threads=null")
+        cfg = OmegaConf.to_object(compose_cfg(*overrides, name="generate"))
+        with pytest.raises(err, match=text.replace("[", r"\[").replace("]", r"\]")):
+            run(cfg)
+        assert issubclass(err, _known_errors())  # the command prints these as one line
+
+
+def test_decoder_weights_follow_parameter_updates():
+    torch.manual_seed(1)
+    m = GPTMini(CFG).eval()
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    generate(m, prompt, SamplingConfig(max_new_tokens=3))  # builds and caches the layout
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # as an optimizer step would
+    expected, _ = reference_greedy(m, prompt, 10)
+    assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=10)), expected)
+    assert "_pocketgpt_decode_weights" not in m.state_dict()

@@ -1,0 +1,206 @@
+"""Crash safety: SIGKILL at an arbitrary step, resume, and end bit-identical to an
+uninterrupted run; Ctrl-C checkpoints and ends the run KILLED; NaN losses stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pocketgpt.checkpoint import list_checkpoints, load_checkpoint
+from pocketgpt.train import train
+from pocketgpt.trainer import NonFiniteLossError
+
+from .conftest import TINY
+
+# Slow enough per step (tens of ms) that a kill lands mid-run, fast enough for CI.
+RESUME = [
+    *TINY,
+    "model.d_model=64",
+    "model.max_len=64",
+    "data.block_size=64",
+    "trainer.batch_size=16",
+    "trainer.max_steps=40",
+    "trainer.eval_interval=10",
+    "trainer.log_interval=1",
+    "trainer.checkpoint_interval=3",
+    "model.dropout=0.1",  # exercises the RNG state in the checkpoint
+]
+
+
+def _cli(args, cwd: Path, **kw):
+    env = {**os.environ, "POCKETGPT_CACHE_DIR": str(cwd.parent / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pocketgpt.train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _history(client, run_id, key):
+    """{step: value}, the last value logged at each step (re-run steps log identical values)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    (root / "work").mkdir()
+    return root / "work"
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """An uninterrupted run: its final checkpoint and MLflow metrics."""
+    proc = _cli([*RESUME, "trainer.checkpoint_dir=ref", "tracking.experiment_name=ref"], workdir)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return list_checkpoints(workdir / "ref")[-1]
+
+
+def _run_id(ckpt_path):
+    return load_checkpoint(ckpt_path)["meta"]["mlflow_run_id"]
+
+
+@pytest.mark.parametrize("kill_after", [3, 12, 27])
+def test_sigkill_then_resume_is_bit_identical(workdir, reference, kill_after):
+    ckpt_dir = workdir / f"killed{kill_after}"
+    args = [*RESUME, f"trainer.checkpoint_dir={ckpt_dir.name}", "tracking.experiment_name=killed"]
+    proc = _cli(args, workdir)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= kill_after for p in list_checkpoints(ckpt_dir)):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(list_checkpoints(ckpt_dir)[-1])["meta"]["step"]
+    assert kill_after <= killed_at < 40
+
+    resumed = _cli([*args, "trainer.resume=auto"], workdir)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming MLflow run" in out
+
+    final, ref = load_checkpoint(list_checkpoints(ckpt_dir)[-1]), load_checkpoint(reference)
+    assert final["meta"]["step"] == ref["meta"]["step"] == 40
+    for name, tensor in ref["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    for a, b in zip(final["optimizer"]["state"].values(), ref["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    run_id, ref_id = final["meta"]["mlflow_run_id"], ref["meta"]["mlflow_run_id"]
+    assert run_id == _run_id(list_checkpoints(ckpt_dir)[0])  # the same MLflow run continued
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_bpb", "lr"):
+        assert _history(client, run_id, key) == _history(client, ref_id, key), key
+
+
+def test_sigint_checkpoints_and_marks_the_run_killed(workdir):
+    ckpt_dir = workdir / "interrupted"
+    args = [
+        *RESUME,
+        "trainer.max_steps=400",
+        f"trainer.checkpoint_dir={ckpt_dir.name}",
+        "trainer.checkpoint_interval=1000",
+        "tracking.experiment_name=sigint",
+    ]
+    proc = _cli(args, workdir)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    deadline = time.time() + 240
+    run = None
+    while time.time() < deadline and run is None:  # wait until training has logged a step
+        time.sleep(0.2)
+        exp = client.get_experiment_by_name("sigint")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            run = runs[0]
+    assert run is not None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "trainer.resume=auto" in err and "Traceback" not in err
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    ckpt = load_checkpoint(list_checkpoints(ckpt_dir)[-1])
+    assert 0 < ckpt["meta"]["step"] < 400 and not ckpt["meta"]["finished"]
+
+
+def test_nonfinite_loss_fails_the_run_and_keeps_the_checkpoint(compose_cfg, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg(
+        *TINY,
+        f"tracking.uri={store}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"trainer.checkpoint_dir={tmp_path / 'ckpt'}",
+        "trainer.checkpoint_interval=1",
+        "trainer.max_steps=50",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "trainer.grad_clip=0",
+    )
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+.*last good checkpoint"):
+        train(cfg)
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("pocketgpt").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    good = load_checkpoint(list_checkpoints(tmp_path / "ckpt")[-1])
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+
+
+def test_nonfinite_loss_can_be_skipped(compose_cfg, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg(
+        *TINY,
+        f"tracking.uri={store}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=12",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "trainer.grad_clip=0",
+        "trainer.on_nonfinite=skip",
+        "tracking.log_model=false",
+    )
+    train(cfg)
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("pocketgpt").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["skipped_steps"] > 0
+
+
+def test_checkpoints_copied_to_mlflow_and_resumable_by_run_id(compose_cfg, tmp_path):
+    import shutil
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        *TINY,
+        f"tracking.uri={store}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"trainer.checkpoint_dir={tmp_path / 'ckpt'}",
+        "trainer.checkpoint_interval=2",
+        "trainer.checkpoint_to_mlflow=true",
+        "tracking.log_model=false",
+    ]
+    train(compose_cfg(*common))
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("pocketgpt").experiment_id])[0]
+    names = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert names == ["checkpoints/ckpt-0000004.pt", "checkpoints/ckpt-0000006.pt"]  # newest 2
+
+    shutil.rmtree(tmp_path / "ckpt")  # only the MLflow copy is left
+    train(compose_cfg(*common, f"trainer.resume={run.info.run_id}"))
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run continued
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
