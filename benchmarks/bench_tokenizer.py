@@ -13,7 +13,7 @@ wikitext-2-raw`` next to the repo root). Each number is the median of ``--repeat
   loading our ``save_hf`` export (``encode_batch``, its own thread pool), and tiktoken built from
   the same ranks (``encode_ordinary_batch``, threads; and one thread, a plain loop).
 
-Appends a dated section to ``benchmarks/results_tokenizer.md`` (``--no-write`` to skip).
+Appends a dated section to BENCHMARKS.md's tokenizer section (``--no-write`` to skip).
 Imports no torch.
 """
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--pattern", default="gpt2", choices=sorted(PATTERNS))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--results", default=str(ROOT / "benchmarks/results_tokenizer.md"))
+    ap.add_argument("--results", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--no-write", action="store_true", help="print only; do not append results")
     args = ap.parse_args(argv)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         command = "python benchmarks/bench_tokenizer.py " + " ".join(argv or sys.argv[1:])
         section = [
-            f"## {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: {args.pattern}, vocab "
+            f"### {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: {args.pattern}, vocab "
             f"{args.vocab_size}, median of {args.repeats}",
             "",
             f"- command: `{command.strip()}`",
@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         results = Path(args.results)
-        header = "" if results.exists() else "# Tokenizer benchmark results\n\n"
-        with results.open("a", encoding="utf-8") as f:
-            f.write(header + "\n".join(section) + "\n")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import _report  # the shared BENCHMARKS.md helper: under the tokenizer's heading
+
+        _report.append_section("(b) Tokenizer", "\n".join(section), results)
         print(f"appended to {results}")
     return 0
 

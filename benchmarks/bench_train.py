@@ -246,14 +246,15 @@ ABLATIONS = {
     "GPTMini, F.cross_entropy, fused AdamW (before this issue)": "ce=plain,opt=fused",
     "GPTMini, F.cross_entropy + malloc": "ce=plain,opt=fused,malloc=on",
     "GPTMini, fused head+CE": "ce=fused,opt=fused",
-    "GPTMini, fused head+CE + malloc (pocketgpt now)": "ce=fused,opt=fused,malloc=on",
-    "  same, AdamW foreach": "ce=fused,opt=foreach,malloc=on",
-    "  same, AdamW for-loop": "ce=fused,opt=loop,malloc=on",
-    "  same, CE chunk 128 rows": "ce=fused,opt=fused,malloc=on,chunk=128",
-    "  same, CE chunk 512 rows": "ce=fused,opt=fused,malloc=on,chunk=512",
-    "  same, CE chunk 1024 rows": "ce=fused,opt=fused,malloc=on,chunk=1024",
-    "  same, 1 thread": "ce=fused,opt=fused,malloc=on,threads=1",
-    "  same, autocast bf16 (plain CE)": "ce=fused,opt=fused,malloc=on,precision=bf16",
+    "GPTMini, fused head+CE + malloc": "ce=fused,opt=fused,malloc=on",
+    "GPTMini, model.loss (no logits) + malloc (pocketgpt now)": "ce=loss,opt=fused,malloc=on",
+    "  same, AdamW foreach": "ce=loss,opt=foreach,malloc=on",
+    "  same, AdamW for-loop": "ce=loss,opt=loop,malloc=on",
+    "  same, CE chunk 128 rows": "ce=loss,opt=fused,malloc=on,chunk=128",
+    "  same, CE chunk 512 rows": "ce=loss,opt=fused,malloc=on,chunk=512",
+    "  same, CE chunk 1024 rows": "ce=loss,opt=fused,malloc=on,chunk=1024",
+    "  same, 1 thread": "ce=loss,opt=fused,malloc=on,threads=1",
+    "  same, autocast bf16 (plain CE)": "ce=loss,opt=fused,malloc=on,precision=bf16",
     "  same, torch.compile (default mode)": "ce=fused,opt=fused,malloc=on,compile=on",
 }
 
@@ -305,7 +306,6 @@ def worker_step(args, files) -> dict:
         )
     else:
         pm.CE_CHUNK_ROWS = int(spec["chunk"])
-        pm._ce_chunks.__defaults__ = (None, None, int(spec["chunk"]))
         if spec["ce"] == "plain":
             pm._fused_head_ok = lambda x, t: False
         model = pm.GPTMini(pm.GPTConfig(vocab_size=files["vocab_size"], **shape))
@@ -328,7 +328,7 @@ def worker_step(args, files) -> dict:
     def step():
         x, y = ref.get_batch(files["train"], args.block, BATCH, offset)
         with autocast:
-            _, loss = fwd(x, y)
+            loss = fwd.loss(x, y) if spec["ce"] == "loss" else fwd(x, y)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per run (multiple of 10)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (multiple of 10)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--contenders", nargs="+", default=["pocketgpt", "bare", "transformers"])
+    ap.add_argument("--contenders", nargs="*", default=["pocketgpt", "bare", "transformers"])
     ap.add_argument("--ablations", action="store_true", help="time each optimization alone")
     ap.add_argument("--ablation-steps", type=int, default=15)
     ap.add_argument("--only", nargs="*", default=None, help="ablations whose name has this text")
@@ -448,18 +448,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {load_before}; model FLOPs/token {fpt:,}")
     results: dict[str, list[dict]] = {c: [] for c in args.contenders}
     peaks: list[float] = []
-    for r in range(args.repeats):
-        order = (
-            args.contenders[r % len(args.contenders) :]
-            + args.contenders[: r % len(args.contenders)]
-        )
+    for r in range(args.repeats if args.contenders else 0):
+        k = r % len(args.contenders)
+        order = args.contenders[k:] + args.contenders[:k]
         peaks.append(matmul_gflops())
         for name in order:
             res = run_worker(name, args)
             results[name].append(res)
             print(f"repeat {r + 1}: {name}: {res['tokens_per_sec']:,.0f} tokens/s", flush=True)
         peaks.append(matmul_gflops())
-    peak = statistics.median(peaks)
+    if args.ablations:
+        peaks.append(matmul_gflops())
+    peak = statistics.median(peaks) if peaks else matmul_gflops()
     base = (
         statistics.median(x["tokens_per_sec"] for x in results.get("bare", []))
         if "bare" in results
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "vs bare",
         "peak RSS MB",
     ]
-    table = _report.table(headers, rows)
+    table = _report.table(headers, rows) if rows else "(no contenders run)"
     chose = next((x.get("chose") for x in results.get("pocketgpt", []) if x.get("chose")), "")
     notes = [
         f"- matmul peak (2048² fp32 `torch.mm`, median of {len(peaks)} in this run): "
@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_worker("step", args, ["--spec", ABLATIONS[name], *extra])
                     runs[name].append(res)
                     print(f"ablation {name}: {res['tokens_per_sec']:,.0f} tokens/s", flush=True)
+                peaks.append(matmul_gflops())
             ref_rate = statistics.median(x["tokens_per_sec"] for x in runs[names[0]])
             for name in names:
                 rate = statistics.median(x["tokens_per_sec"] for x in runs[name])
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             for label, spec in (
                 ("bare reference", ABLATIONS[names[0]] if names else "model=bare,opt=loop"),
-                ("pocketgpt model step", "ce=fused,opt=fused,malloc=on"),
+                ("pocketgpt model step", "ce=loss,opt=fused,malloc=on"),
             ):
                 res = run_worker(
                     "step", args, ["--spec", spec, "--profile", "--top", str(args.top)]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,17 +119,15 @@ def test_bad_input_is_one_line(swept, capsys, args, needle):
     assert err.startswith(needle) and len(err.strip().splitlines()) == 1
 
 
-def test_cli_finds_the_store_in_the_current_folder(swept):
+def test_default_store_is_mlruns_in_the_current_folder(swept, capsys, monkeypatch):
     root, _, _ = swept
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pocketgpt.compare", EXPERIMENT, "--sweep", "latest"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 runs, sorted by val_bpb" in proc.stdout
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([EXPERIMENT, "--sweep", "latest"]) == 0
+    assert "3 runs, sorted by val_bpb" in capsys.readouterr().out
     assert list(root.glob("compare-sweeps-*.png"))
+
+    monkeypatch.chdir(root / "multirun")  # no store here: an error, and no empty store created
+    assert main([EXPERIMENT]) == 2
+    assert capsys.readouterr().err.startswith("error: no MLflow store at ")
+    assert not (root / "multirun" / "mlruns").exists()

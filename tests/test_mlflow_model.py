@@ -178,6 +178,10 @@ def test_bad_uris_and_missing_artifacts_are_one_line_errors(trained):
     (broken / "artifacts" / "tokenizer.json").unlink()
     with pytest.raises(ModelFileError, match="tokenizer.json is missing from the logged model"):
         model_files(broken)
+    mlmodel = (broken / "MLmodel").read_text()
+    (broken / "MLmodel").write_text(mlmodel.replace("artifacts/tokenizer.json", "../../x.json"))
+    with pytest.raises(ModelFileError, match="outside the model folder"):
+        load(broken)
     (broken / "MLmodel").write_text("flavors: {}\n")
     with pytest.raises(ModelFileError, match="is not a pocketgpt model"):
         load(broken)

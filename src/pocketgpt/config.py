@@ -96,7 +96,7 @@ class TrainerConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_interval: int = 200
-    eval_max_batches: int | None = None  # null = the whole validation split
+    eval_max_batches: int | None = None  # null = the whole validation (and test) split
     log_interval: int = 10
     patience: int | None = None  # evaluations without improvement before stopping; null = off
     seed: int = 1337

@@ -159,7 +159,9 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
             if not matches:
                 raise DataError(f"data.{split}={p}: no such file")
             if all(os.path.getsize(m) == 0 for m in matches):
-                raise DataError(f"data.{split}={p}: the file is empty; the {split} split needs text")
+                raise DataError(
+                    f"data.{split}={p}: the file is empty; the {split} split needs text"
+                )
         texts = _load_files(paths, cache_dir, cfg.text_column)
         name = "files"
     else:

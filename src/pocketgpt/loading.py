@@ -144,7 +144,8 @@ def resolve(
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    def fetch(path: str) -> Path:
+    def fetch(location: str, path: str) -> Path:
+        """location/path -> dst/path"""
         return Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{location.rstrip('/')}/{path}".rstrip("/"),
@@ -159,13 +160,13 @@ def resolve(
             location = _artifact_location(_client(store), uri)
             # Only MLmodel and the files it names: not the bundled code or examples.
             try:
-                arts = _mlmodel_artifacts(fetch("MLmodel"))
+                arts = _mlmodel_artifacts(fetch(location, "MLmodel"))
             except MlflowException:
-                return fetch("")  # no MLmodel there: a plain folder, taken whole
+                return fetch(location, "")  # no MLmodel there: a plain folder, taken whole
             if arts is None:
-                return fetch("")
+                return fetch(location, "")
             for rel in arts.values():
-                fetch(rel)
+                fetch(location, rel)
             return Path(dst)
     except MlflowException as e:
         first = (str(e.message).strip().splitlines() or [type(e).__name__])[0]
@@ -240,9 +241,13 @@ def _mlmodel_artifacts(mlmodel: Path) -> dict[str, str] | None:
 
     try:
         arts = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]["artifacts"]
-        return {k: str(arts[k]["path"]) for k in ("weights", "config", "tokenizer")}
+        paths = {k: str(arts[k]["path"]) for k in ("weights", "config", "tokenizer")}
     except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
         return None
+    for p in paths.values():
+        if Path(p).is_absolute() or ".." in Path(p).parts:
+            raise ModelFileError(f"{mlmodel} names {p!r}, outside the model folder; refusing it")
+    return paths
 
 
 def model_files(folder: str | os.PathLike) -> tuple[Path, Path]:

@@ -39,40 +39,45 @@ class GPTConfig:
 
 # --------------------------------------------------------------------------- fused head + loss
 
-CE_CHUNK_ROWS = 256  # rows of logits per chunk: 256 x 8192 fp32 = 8 MB, fits in L2/L3
+CE_CHUNK_ROWS = 256  # rows of logits per chunk: 256 x 8192 fp32 = 8 MB, stays in L2/L3
 
 
 def _ce_chunks(
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     targets: torch.Tensor,
     h: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
-    chunk: int = CE_CHUNK_ROWS,
+    want_grad: bool = False,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean cross-entropy of logits (N, V) against targets (N,), in row chunks.
+    """Mean cross-entropy of the logits (N, V) against targets (N,), in row chunks.
 
-    With ``h`` (N, C) and ``weight`` (V, C), the logits being ``h @ weight.T``, also returns the
-    gradients of the mean loss with respect to h and weight: each chunk's softmax minus one-hot
-    is formed in a scratch buffer while it is in cache and multiplied out at once, so the
-    (N, V) gradient of the logits never exists.
+    ``logits`` None: each chunk's logits are computed from ``h`` (N, C) and ``weight`` (V, C)
+    as ``h @ weight.T`` into a scratch buffer, so the (N, V) logits never exist. With
+    ``want_grad`` also returns the gradients of the mean loss with respect to h and weight: each
+    chunk's softmax minus one-hot is formed in the scratch buffer while it is in cache and
+    multiplied out at once, so the (N, V) gradient of the logits never exists either.
     """
-    n, v = logits.shape
-    rows = torch.empty(n, dtype=torch.float32, device=logits.device)
-    want_grad = h is not None
+    chunk = chunk or CE_CHUNK_ROWS
+    n = targets.shape[0]
+    v = logits.shape[1] if logits is not None else weight.shape[0]
+    device = targets.device
+    rows = torch.empty(n, dtype=torch.float32, device=device)
     grad_h = torch.empty_like(h) if want_grad else None
     grad_w = torch.zeros_like(weight) if want_grad else None
-    scratch = torch.empty(min(chunk, n), v, dtype=torch.float32, device=logits.device)
+    scratch = torch.empty(min(chunk, n), v, dtype=torch.float32, device=device)
     inv_n = 1.0 / n
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        lg, t = logits[s:e], targets[s:e].unsqueeze(1)
-        p = scratch[: e - s]
+        p, t = scratch[: e - s], targets[s:e].unsqueeze(1)
+        lg = logits[s:e] if logits is not None else torch.mm(h[s:e], weight.t(), out=p)
         mx = lg.amax(dim=1, keepdim=True)
+        picked = lg.gather(1, t)
         torch.sub(lg, mx, out=p)
         p.exp_()
         sumexp = p.sum(dim=1, keepdim=True)
         # loss_i = log(sum_j exp(l_ij - max_i)) + max_i - l_i,target
-        rows[s:e] = (sumexp.log() + mx - lg.gather(1, t)).squeeze(1)
+        rows[s:e] = (sumexp.log() + mx - picked).squeeze(1)
         if want_grad:
             p.mul_(sumexp.reciprocal_().mul_(inv_n))  # softmax / N
             p.scatter_add_(1, t, torch.full_like(t, -inv_n, dtype=p.dtype))  # - one-hot / N
@@ -82,24 +87,24 @@ def _ce_chunks(
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(h, weight, targets) -> (mean cross-entropy of h @ weight.T, the logits h @ weight.T).
+    """(h, weight, targets) -> mean cross-entropy of h @ weight.T, and the logits if asked.
 
     The gradient of the loss is computed in the forward pass, chunk by chunk (``_ce_chunks``),
-    and only scaled in the backward. The logits are returned for callers that read them; a
-    gradient flowing into them (rare) is handled too.
+    and only scaled in the backward. The logits, when returned, are for callers that read them;
+    a gradient flowing into them (rare) is handled too.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets):
-        logits = torch.mm(h, weight.t())
-        loss, grad_h, grad_w = _ce_chunks(logits, targets, h, weight)
+    def forward(ctx, h, weight, targets, return_logits):
+        logits = torch.mm(h, weight.t()) if return_logits else None
+        loss, grad_h, grad_w = _ce_chunks(logits, targets, h, weight, want_grad=True)
         ctx.save_for_backward(h, weight, grad_h, grad_w)
         ctx.set_materialize_grads(False)
-        return loss, logits
+        return (loss, logits) if return_logits else loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_logits):
+    def backward(ctx, grad_loss, grad_logits=None):
         h, weight, grad_h, grad_w = ctx.saved_tensors
         if grad_loss is None:
             grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(weight)
@@ -108,22 +113,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_logits is not None:
             grad_h.addmm_(grad_logits, weight)
             grad_w.addmm_(grad_logits.t(), h)
-        return grad_h, grad_w, None
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, logits) of the head ``h @ weight.T`` (h (N, C), targets (N,)).
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, return_logits: bool = True
+):
+    """(mean cross-entropy, logits) of the head ``h @ weight.T`` (h (N, C), targets (N,)); only
+    the loss with ``return_logits=False`` (then the (N, V) logits are never stored).
 
     Equal to ``F.cross_entropy(h @ weight.T, targets)`` forward and backward (to float
     rounding), with the loss gradient formed chunk by chunk in cache. Targets must be valid
     class ids (no ignore_index); callers fall back to F.cross_entropy otherwise.
     """
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets)
-    logits = torch.mm(h, weight.t())
-    return _ce_chunks(logits, targets)[0], logits
+        return _LinearCrossEntropy.apply(h, weight, targets, return_logits)
+    with torch.no_grad():
+        logits = torch.mm(h, weight.t()) if return_logits else None
+        loss = _ce_chunks(logits, targets, h, weight)[0]
+    return (loss, logits) if return_logits else loss
 
 
 def _fused_head_ok(x: torch.Tensor, targets: torch.Tensor) -> bool:
@@ -252,6 +260,32 @@ class GPTMini(nn.Module):
         taken to sit at positions ``start_pos..start_pos+T-1``; the list is updated in place.
         """
         B, T = idx.shape
+        x = self._hidden(idx, kv_cache, start_pos)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        if _fused_head_ok(x, targets):
+            loss, logits = linear_cross_entropy(
+                x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1)
+            )
+            return logits.view(B, T, -1), loss
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy alone: ``forward(idx, targets)[1]`` without keeping the
+        (B, T, vocab) logits, which training does not read (the trainer's step calls this)."""
+        x = self._hidden(idx)
+        if _fused_head_ok(x, targets):
+            return linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), False
+            )
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def _hidden(self, idx: torch.Tensor, kv_cache: list | None = None, start_pos: int = 0):
+        """The final LayerNorm's output (B, T, C): everything but the head."""
+        B, T = idx.shape
         if start_pos + T > self.config.max_len:
             raise ValueError(
                 f"sequence of {start_pos + T} tokens is longer than max_len={self.config.max_len}"
@@ -266,14 +300,4 @@ class GPTMini(nn.Module):
                     kv_cache[i] = new_cache
                 else:
                     kv_cache.append(new_cache)
-        x = self.ln_f(x)
-        if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        if _fused_head_ok(x, targets):
-            loss, logits = linear_cross_entropy(
-                x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1)
-            )
-            return logits.view(B, T, -1), loss
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return self.ln_f(x)

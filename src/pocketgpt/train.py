@@ -153,9 +153,13 @@ def train(dcfg: DictConfig) -> float:
             cfg.trainer.batch_size,
             device,
             cfg.trainer.precision,
+            cfg.trainer.eval_max_batches,
         )
+        # time_*: seconds of training spent on data, compute, tracking, progress, eval, ...
+        timings = {f"time_{k}": v for k, v in result.timings.items()}
         tracker.log_metrics(
-            {**test.as_metrics("test"), "best_val_loss": result.best_val_loss}, result.steps
+            {**test.as_metrics("test"), "best_val_loss": result.best_val_loss, **timings},
+            result.steps,
         )
 
         prompt = torch.tensor([tokenizer.encode(cfg.trainer.sample_prompt)], device=device)
@@ -188,8 +192,7 @@ def train(dcfg: DictConfig) -> float:
             f"\nfinal: val loss {final.loss:.4f} (bpb {final.bpb:.4f}), test loss {test.loss:.4f} "
             f"(bpb {test.bpb:.4f}) after {result.steps} steps, {result.train_time:.0f} s\n"
             f"sample: {sample!r}\n"
-            f"MLflow: {tracker.run_url()}"
-            + (f"\nmodel: {logged.describe()}" if logged else ""),
+            f"MLflow: {tracker.run_url()}" + (f"\nmodel: {logged.describe()}" if logged else ""),
             flush=True,
         )
         return final.loss

@@ -195,7 +195,8 @@ def evaluate(
             break
         x, y = x.to(device), y.to(device)
         with autocast_context(device, precision):
-            _, loss = model(x, y)
+            # GPTMini.loss: the same mean loss without storing the (B, T, vocab) logits.
+            loss = model.loss(x, y) if isinstance(model, GPTMini) else model(x, y)[1]
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -333,6 +334,13 @@ class Trainer:
         self.compiled = should_compile(cfg.compile, device)
         self.allocator = tune_cpu_allocator() if device.type == "cpu" else "default"
         self.model = torch.compile(model) if self.compiled else model
+        # Training reads only the loss: GPTMini.loss skips storing the (B, T, vocab) logits.
+        # A compiled model goes through forward, which torch.compile fuses itself.
+        self._loss = (
+            model.loss
+            if not self.compiled and hasattr(model, "loss")
+            else (lambda x, y: self.model(x, y)[1])
+        )
         self.optimizer = build_optimizer(model, optim_cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -354,9 +362,12 @@ class Trainer:
         opt = type(self.optimizer).__name__
         if self.optimizer.defaults.get("fused"):
             opt += " fused"
+        fused_head = dev.type == "cpu" and self.precision == "fp32" and not self.compiled
         return (
             f"trainer: device {dev}, precision {precision}, compile {compiled}, threads "
-            f"{threads}, {opt}, {self.allocator}"
+            f"{threads}, {opt}, "
+            + ("fused chunked head+loss, " if fused_head else "")
+            + self.allocator
         )
 
     # ----------------------------------------------------------------- checkpoints
@@ -447,7 +458,7 @@ class Trainer:
             t1 = time.perf_counter()
             timings["data"] += t1 - t0
             with autocast_context(self.device, self.precision):
-                _, loss = model(x, y)
+                loss = self._loss(x, y)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             # On the CPU .item() costs nothing (no device queue to drain) and the finite check
             # below must precede the optimizer step.
