@@ -93,3 +93,38 @@ def test_hub_source_offline_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="data=wikitext2_mini") as e:
         load_corpus(DataConfig(source="wikitext2"), tmp_path)
     assert "data=files" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_token_cache_is_written_in_chunks_and_read_back(small_text_files, tmp_path, monkeypatch):
+    """The cache file holds exactly the per-line encodings, written a few lines at a time (the
+    whole stream is never in memory), and a second call only memory-maps it."""
+    import pocketgpt.data as data
+    from pocketgpt.tokenizer import BPETokenizer
+
+    cfg = DataConfig(source="files", **{k: str(v) for k, v in small_text_files.items()})
+    corpus = load_corpus(cfg, tmp_path / "cache")
+    tok = BPETokenizer(vocab_size=300)
+    tok.train([corpus.train])
+    batches = []
+    encode_batch = tok.encode_batch
+
+    def recording(lines):
+        batches.append(len(lines))
+        return encode_batch(lines)
+
+    monkeypatch.setattr(data, "ENCODE_CHUNK_LINES", 7)
+    monkeypatch.setattr(tok, "encode_batch", recording)
+    splits = data.tokenize_corpus(corpus, tok, tmp_path / "cache")
+    assert batches and max(batches) == 7
+    for name in ("train", "validation", "test"):
+        text = getattr(corpus, name)
+        expected = [t for line in text.splitlines(keepends=True) for t in tok.encode(line)]
+        tokens = splits[name].tokens
+        assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
+        assert tokens.tolist() == expected
+        assert splits[name].n_bytes == len(text.encode("utf-8"))
+    files = sorted(p.name for p in (tmp_path / "cache" / "tokens").rglob("*") if p.is_file())
+    assert files == ["test.npy", "train.npy", "validation.npy"]  # no temporary file left
+    batches.clear()
+    again = data.tokenize_corpus(corpus, tok, tmp_path / "cache")
+    assert batches == [] and again["train"].tokens.tolist() == splits["train"].tokens.tolist()

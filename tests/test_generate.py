@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,13 +96,23 @@ def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prom
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step}: {(a - b).abs().max()}"
 
 
-def test_decoder_logits_match_forward_at_every_position(model):
-    ids = torch.randint(0, CFG.vocab_size, (3, CFG.max_len))
-    full = model(ids)  # (3, L, V)
-    dec = KVDecoder(model, 3)
-    assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], atol=1e-5, rtol=0)
+# 1 and 3 rows read the output layer as (C, V), 5 rows as (V, C) (KVDecoder.head_rows). This
+# model's logits reach +-40 (the sharpened embedding), where one fp32 ulp is 4e-6 and a different
+# summation order moves a logit by a few: 1e-5 plus one part in a million of the value.
+CLOSE = dict(atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_decoder_logits_match_forward_at_every_position(model, batch):
+    ids = torch.randint(
+        0, CFG.vocab_size, (batch, CFG.max_len), generator=torch.Generator().manual_seed(batch)
+    )
+    full = model(ids)  # (B, L, V)
+    dec = KVDecoder(model, batch)
+    assert (dec.head_rows is not None) == (batch >= 4)
+    assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], **CLOSE)
     for t in range(4, CFG.max_len):
-        assert torch.allclose(dec.step(ids[:, t : t + 1]), full[:, t], atol=1e-5, rtol=0)
+        assert torch.allclose(dec.step(ids[:, t : t + 1]), full[:, t], **CLOSE)
     with pytest.raises(SamplingError, match="cache is full"):
         dec.step(ids[:, :1])
 
@@ -127,12 +138,16 @@ def test_ragged_batch_matches_each_prompt_alone(model):
 
 
 def test_seeded_sampling_is_reproducible(model):
-    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
-    cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=123)
-    a, b = generate(model, prompt, cfg), generate(model, prompt, cfg)
-    assert torch.equal(a, b)
-    cfg.seed = 124
-    assert not torch.equal(a, generate(model, prompt, cfg))
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    sharp = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    flat = SamplingConfig(max_new_tokens=30, temperature=3.0, seed=123)
+    for cfg in (sharp, flat):
+        assert torch.equal(generate(model, prompt, cfg), generate(model, prompt, cfg))
+    # Other seeds draw other tokens (not every seed: this model repeats some tokens surely).
+    runs = {
+        tuple(generate(model, prompt, replace(flat, seed=s)).flatten().tolist()) for s in range(4)
+    }
+    assert len(runs) > 1
 
 
 def test_top_k_1_and_top_p_0_equal_greedy(model):

@@ -185,26 +185,41 @@ class TokenizedSplit:
         return self.n_bytes / max(len(self.tokens), 1)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+ENCODE_CHUNK_LINES = 1024  # lines encoded per batch while writing a split's token file
+
+
+def _write_token_file(path: Path, text: str, tokenizer) -> None:
+    """Encode ``text`` into the .npy token file at ``path``, atomically, without ever holding
+    the whole token stream in memory: chunks of lines are encoded (the tokenizer's batch path
+    and per-word cache do the work) and appended to a raw temporary file, which is then copied
+    behind an .npy header. Lines are encoded separately: pre-tokens never cross a line break.
+    """
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    lines = text.splitlines(keepends=True)
+    fd_raw, raw = tempfile.mkstemp(dir=path.parent, suffix=".tokens.tmp")
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
+        n = 0
+        with os.fdopen(fd_raw, "w+b") as r:
+            for start in range(0, len(lines), ENCODE_CHUNK_LINES):
+                ids = tokenizer.encode_batch(lines[start : start + ENCODE_CHUNK_LINES])
+                chunk = np.fromiter((t for line in ids for t in line), dtype=dtype)
+                r.write(chunk.tobytes())
+                n += len(chunk)
+            r.seek(0)
+            with os.fdopen(fd, "wb") as f:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(f, {**header, "shape": (n,)})
+                while block := r.read(1 << 20):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _encode_split(text: str, tokenizer) -> np.ndarray:
-    # Encode line by line (pre-tokens never need to cross a line break to stay lossless), which
-    # lets the tokenizer's batch path and per-word cache do the work.
-    lines = text.splitlines(keepends=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    ids = tokenizer.encode_batch(lines)
-    return np.fromiter((t for line in ids for t in line), dtype=dtype)
+    finally:
+        Path(raw).unlink(missing_ok=True)
 
 
 def tokenize_corpus(
@@ -220,7 +235,7 @@ def tokenize_corpus(
     for split in SPLITS:
         path = directory / f"{split}.npy"
         if not path.exists():
-            _atomic_save_npy(path, _encode_split(getattr(corpus, split), tokenizer))
+            _write_token_file(path, getattr(corpus, split), tokenizer)
         tokens = np.load(path, mmap_mode="r")
         out[split] = TokenizedSplit(tokens, len(getattr(corpus, split).encode("utf-8")))
     return out

@@ -201,6 +201,10 @@ class KVDecoder:
         self.eps = model.ln_f.eps
         w = _decode_weights(model)
         self.tok_emb, self.pos_emb, self.layers, self.ln_f, self.head = w
+        # The output layer reads 4 MB of weights a step at the default shape. x @ (C, V) runs as
+        # a matrix-vector product at one row, the fastest there; from 4 rows up that path is 2x
+        # slower than (V, C) @ x.T on a cold cache (BENCHMARKS.md, section (c)).
+        self.head_rows = model.lm_head.weight.detach() if batch_size >= 4 else None  # (V, C)
         B, nh, L, hs = batch_size, self.n_heads, self.max_len, self.head_size
         like = dict(dtype=self.tok_emb.dtype, device=self.tok_emb.device)
         self.kv = [torch.empty(2, B, nh, L, hs, **like) for _ in self.layers]  # keys, values
@@ -281,6 +285,8 @@ class KVDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C) -> logits (B, V)."""
         x = F.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
+        if self.head_rows is not None and x.size(0) >= 4:
+            return (self.head_rows @ x.t()).t()  # (V, B) -> (B, V), a transposed view
         return x @ self.head
 
 
