@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_train_logs_a_complete_run(compose_cfg, tmp_path, store):
     params = run.data.params
     assert params["model.d_model"] == "32"
     assert params["tokenizer.kind"] == "bpe"
-    assert params["optim.lr"] == "0.001"
+    assert params["optim.lr"] == "0.003"
     assert params["derived.vocab_size"] == "300"
     metrics = run.data.metrics
     assert metrics["val_loss"] == pytest.approx(val_loss)
@@ -55,7 +56,10 @@ def test_train_logs_a_complete_run(compose_cfg, tmp_path, store):
         assert key in metrics, key
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [2, 4, 6]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [3, 6]
+    # Step 0: the untrained model, before any update (trainer.eval_at_start).
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [0, 3, 6]
+    assert val[0].value == pytest.approx(math.log(300), abs=0.1)  # ln(vocab): uniform guesses
     assert run.data.tags["pocketgpt.version"]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -84,7 +88,8 @@ def test_training_lowers_the_loss(compose_cfg, tmp_path, store):
     val = client.get_metric_history(run.info.run_id, "val_loss")
     train_loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert train_loss[-1].value < train_loss[0].value - 0.5
-    assert val[-1].value < 5.5  # ln(300) = 5.70 at initialisation
+    assert val[0].step == 0 and val[-1].step == 40
+    assert val[-1].value < val[0].value - 0.2 and val[-1].value < 5.5  # ln(300) = 5.70
 
 
 def _run_cli(*args, cwd, env_extra=None):
@@ -101,11 +106,19 @@ def _run_cli(*args, cwd, env_extra=None):
 
 
 def test_cli_uses_local_store_and_logs_hydra_folder(tmp_path):
-    proc = _run_cli(*TINY, "trainer.max_steps=2", "trainer.eval_interval=2", cwd=tmp_path)
+    proc = _run_cli(
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.eval_interval=2",
+        "trainer.eval_at_start=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MLflow:" in proc.stdout and "sample:" in proc.stdout
+    assert "step 0:" not in proc.stdout + proc.stderr
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     client, run = _only_run(uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [2]
     hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, ".hydra")}
     assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"} <= hydra_files
     assert "trainer.max_steps=2" in run.data.tags["hydra.overrides"]

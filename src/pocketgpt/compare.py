@@ -63,7 +63,8 @@ class Comparison:
     @property
     def best_run(self) -> RunSummary | None:
         first = self.runs[0] if self.runs else None
-        return first if first is not None and self.metric in first.best else None
+        ok = first is not None and first.status == "FINISHED" and self.metric in first.best
+        return first if ok else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -191,9 +192,11 @@ def compare(
         )
 
     def order(s: RunSummary) -> tuple:
+        # Finished runs first, by the metric; then failed or killed ones (which may have logged
+        # it, if only the untrained model's step-0 figure); runs without it last.
         has = metric in s.best
         job = int(s.job) if s.job.isdigit() else math.inf
-        return (not has, s.best.get(metric, math.inf), job, s.run_id)
+        return (not has, s.status != "FINISHED", s.best.get(metric, math.inf), job, s.run_id)
 
     summaries.sort(key=order)
     return Comparison(experiment, sweep_id, metric, summaries, _differing(summaries))

@@ -74,7 +74,8 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def should_compile(setting: str, device: torch.device) -> bool:
-    """auto: compile on CUDA only; on CPU it was measured slower (see BENCHMARKS.md)."""
+    """auto: compile on CUDA only; on the CPU it measured no faster than the eager fused loss
+    and costs 30-40 s of compiling (BENCHMARKS.md, section (a))."""
     setting = str(setting).lower()
     if setting == "auto":
         return device.type == "cuda"
@@ -520,7 +521,27 @@ class Trainer:
             bar.write(line)
             timings["progress"] += clock() - t0
 
+        def run_evaluation() -> EvalResult:
+            nonlocal eval_time, window_start
+            t0 = clock()
+            result = self._evaluate()
+            spent = clock() - t0
+            eval_time += spent
+            timings["eval"] += spent
+            window_start += spent  # keep evaluation out of tokens/s
+            st.last_eval = vars(result)
+            log(result.as_metrics("val"), st.step)
+            write(
+                f"step {st.step}: val loss {result.loss:.4f}, "
+                f"ppl {result.perplexity:.1f}, bpb {result.bpb:.4f}"
+            )
+            return result
+
         with _GracefulStop() as stop, contextlib.closing(bar):
+            if cfg.eval_at_start and st.step == 0 and self.total_steps > 0:
+                # The untrained model's figures: the baseline every later evaluation is read
+                # against (about ln(vocab) nats a token), as nanoGPT logs at iteration 0.
+                st.best_val_loss = run_evaluation().loss
             while st.step < self.total_steps:
                 lr = self.optim_cfg.lr * lr_factor(st.step, self.optim_cfg, self.total_steps)
                 for group in self.optimizer.param_groups:
@@ -563,18 +584,7 @@ class Trainer:
                     cfg.max_time is not None and clock() - start - eval_time >= cfg.max_time
                 )
                 if st.step % cfg.eval_interval == 0 or st.step == self.total_steps or out_of_time:
-                    t0 = clock()
-                    result = self._evaluate()
-                    spent = clock() - t0
-                    eval_time += spent
-                    timings["eval"] += spent
-                    window_start += spent  # keep evaluation out of tokens/s
-                    st.last_eval = vars(result)
-                    log(result.as_metrics("val"), st.step)
-                    write(
-                        f"step {st.step}: val loss {result.loss:.4f}, "
-                        f"ppl {result.perplexity:.1f}, bpb {result.bpb:.4f}"
-                    )
+                    result = run_evaluation()
                     if result.loss < st.best_val_loss - 1e-6:
                         st.best_val_loss, st.bad_evals = result.loss, 0
                     else:
