@@ -13,31 +13,34 @@ no <eos>), so a whole run fills the context once. Compared, per batch size and t
   n_positions 128, vocab 8192) with and without its cache.
 
 Each repeat runs every method once in turn (so load changes on a shared machine hit all of them
-alike); the table shows the median. Appends a dated section to benchmarks/results_generate.md
-(``--no-write`` to only print).
+alike); the table shows the median tokens/s and the median of the per-repeat ratios. Appends a
+dated section to BENCHMARKS.md under (c) and refreshes its summary row (``--no-write`` to only
+print). Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s
+growing with the batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _report  # noqa: E402
 
 from pocketgpt.model import GPTConfig, GPTMini  # noqa: E402
 from pocketgpt.sampling import SamplingConfig, generate  # noqa: E402
 
+SECTION = "(c) Generation"
+OURS, BASE = "pocketgpt generate, KV cache", "transformers generate, cache"
 VOCAB, PROMPT, NEW = 8192, 16, 112
 
 
@@ -90,7 +93,7 @@ def methods(ours: GPTMini, hf) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 
     cached, uncached = SamplingConfig(max_new_tokens=NEW), SamplingConfig(NEW, use_cache=False)
     return {
-        "pocketgpt generate, KV cache": lambda p: generate(ours, p, cached),
+        OURS: lambda p: generate(ours, p, cached),
         "pocketgpt generate, no cache": lambda p: generate(ours, p, uncached),
         "nanoGPT-style loop, no cache": lambda p: nanogpt_loop(ours, p, NEW),
         "transformers generate, cache": hf_generate(True),
@@ -115,25 +118,11 @@ def measure(fns, batch: int, repeats: int) -> tuple[dict[str, list[float]], bool
     return rates, agree
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {os.cpu_count()} CPUs ({usable} usable), {platform.platform()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results_generate.md"))
     ap.add_argument("--no-write", action="store_true", help="print only; do not append results")
     args = ap.parse_args(argv)
 
@@ -141,65 +130,64 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, hf = build_models()
     fns = methods(ours, hf)
-    load_before = os.getloadavg()
-    started = datetime.now(UTC)
-    lines = []
+    load_before = _report.load_average()
+    lines: list[str] = []
+    batch1: dict[int, float] = {}  # threads -> pocketgpt/transformers ratio at batch 1
+    grows: list[bool] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        lines += [
-            "",
-            f"### torch threads: {threads}",
-            "",
-            "| batch | method | tokens/s (median) | vs transformers, cache (median of "
-            "paired ratios) |",
-            "|---:|---|---:|---:|",
-        ]
+        rows = []
+        ours_by_batch = []
         for batch in args.batch_sizes:
             rates, agree = measure(fns, batch, args.repeats)
-            base = rates["transformers generate, cache"]
             for name, rate in rates.items():
                 # each repeat's ratio compares runs made seconds apart, under the same load
-                ratio = statistics.median(r / b for r, b in zip(rate, base))
-                lines.append(
-                    f"| {batch} | {name} | {statistics.median(rate):,.0f} | {ratio:.2f}x |"
-                )
+                ratio = statistics.median(r / b for r, b in zip(rate, rates[BASE], strict=True))
+                rows.append([batch, name, f"{statistics.median(rate):,.0f}", f"{ratio:.2f}x"])
+                if name == OURS and batch == 1:
+                    batch1[threads] = ratio
+            ours_by_batch.append(statistics.median(rates[OURS]))
             if not agree:
-                lines.append(f"| {batch} | (pocketgpt paths gave different tokens!) | | |")
-            print("\n".join(lines[-len(rates) - (not agree) :]), flush=True)
-    load_after = os.getloadavg()
-    command = "python benchmarks/bench_generate.py " + " ".join(argv or sys.argv[1:])
-    section = "\n".join(
-        [
-            f"## {started:%Y-%m-%d %H:%M} UTC: batch {args.batch_sizes}, median of {args.repeats}",
-            "",
-            f"- command: `{command.strip()}`",
-            f"- machine: {machine()}; load average {load_before[0]:.2f} before, "
-            f"{load_after[0]:.2f} after (a shared machine: other jobs compete for the cores)",
-            f"- packages: Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}",
-            f"- work: greedy, {PROMPT}-token prompt, {NEW} new tokens per row, tokens/s = "
-            f"batch x {NEW} / wall time of the whole call; pocketgpt's cached, uncached and "
-            "nanoGPT-loop paths produce identical tokens (checked)",
-            *lines,
-            "",
-        ]
-    )
-    print(section)
-    if not args.no_write:
-        path = Path(args.results)
-        old = (
-            path.read_text(encoding="utf-8")
-            if path.exists()
-            else (
-                "# Generation benchmark results\n\n"
-                "`benchmarks/bench_generate.py`; summary and discussion in BENCHMARKS.md.\n\n"
+                rows.append([batch, "(pocketgpt paths gave different tokens!)", "", ""])
+            print(
+                "\n".join(
+                    _report.table(["batch", "method", "tokens/s", "vs"], rows[-5:]).splitlines()[2:]
+                ),
+                flush=True,
             )
-        )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(old.rstrip("\n") + "\n\n" + section)
-        os.replace(tmp, path)
-        print(f"appended to {path}")
+        grows.append(all(b > a for a, b in zip(ours_by_batch, ours_by_batch[1:])))
+        lines += [
+            "",
+            f"torch threads: {threads}",
+            "",
+            _report.table(
+                ["batch", "method", "tokens/s (median)", "vs transformers, cache (median ratio)"],
+                rows,
+            ),
+        ]
+    notes = [
+        f"- work: greedy, {PROMPT}-token prompt, {NEW} new tokens per row, tokens/s = batch x "
+        f"{NEW} / wall time of the whole call (prefill included); pocketgpt's cached, uncached "
+        "and nanoGPT-loop paths produce identical tokens (checked each run)",
+        f"- transformers {transformers.__version__}; load average before: {load_before}; after: "
+        f"{_report.load_average()}",
+    ]
+    body = "\n".join([*notes, *lines])
+    print(body)
+    if not args.no_write:
+        head = _report.header(f"batch {args.batch_sizes}, median of {args.repeats}", argv)
+        _report.append_section(SECTION, head + "\n" + body)
+        if 1 in args.batch_sizes and batch1:
+            threads, best = max(batch1.items(), key=lambda kv: kv[1])
+            met = best >= 5 and all(grows)
+            _report.set_summary(
+                "(c)",
+                f"KV cache {best:.2f}x transformers at batch 1 ({threads} thread"
+                f"{'s' if threads > 1 else ''}); tokens/s "
+                f"{'grows' if all(grows) else 'does not grow'} with the batch",
+                "yes" if met else "no",
+            )
+        print(f"appended to {_report.RESULTS}")
     return 0
 
 

@@ -132,7 +132,7 @@ def worker_generate(args) -> dict:
 def worker_data(args) -> dict:
     """RSS growth while drawing an epoch of batches, and while tokenizing into a fresh cache."""
     from pocketgpt.config import DataConfig, TokenizerConfig
-    from pocketgpt.data import TokenWindows, load_corpus, tokenize_corpus
+    from pocketgpt.data import ENCODE_CHUNK_LINES, TokenWindows, load_corpus, tokenize_corpus
     from pocketgpt.tokenizer import build_tokenizer
 
     _imports()
@@ -159,6 +159,7 @@ def worker_data(args) -> dict:
         "memmap": type(tokens).__name__,
         "epoch_growth_mb": worst,
         "tokenize_peak_growth_mb": tokenize_growth,
+        "chunk_lines": ENCODE_CHUNK_LINES,
         "base": base,
         "peak": peak_mb(),
     }
@@ -233,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         f"of shuffled batches grew RSS by at most {data['epoch_growth_mb']:.1f} MB (each batch "
         f"gathers 16 x 129 tokens; the stream itself is only in the page cache, shared)",
         f"- tokenizing the corpus into a fresh cache raised the peak RSS by "
-        f"{data['tokenize_peak_growth_mb']:.1f} MB: `data._encode_split` holds every line's ids "
-        f"as Python lists (about 36 bytes per token) before `np.fromiter` packs them (2 bytes "
-        f"per token), so for a moment the stream exists twice (lists + array); it runs once per "
-        f"corpus and tokenizer (then the cache is memory-mapped)",
+        f"{data['tokenize_peak_growth_mb']:.1f} MB (the stream is "
+        f"{data['stream_mb']:.2f} MB): `data._write_token_file` encodes "
+        f"{data['chunk_lines']:,} lines at a time and appends each chunk's ids to the file, so "
+        "no step holds the whole stream, let alone two copies; it runs once per corpus and "
+        "tokenizer, then the cache is memory-mapped",
         f"- load average before: {load_before}; after: {_report.load_average()}",
     ]
     print(table)

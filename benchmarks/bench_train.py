@@ -251,7 +251,7 @@ ABLATIONS = {
     "  same, AdamW foreach": "ce=loss,opt=foreach,malloc=on",
     "  same, AdamW for-loop": "ce=loss,opt=loop,malloc=on",
     "  same, CE chunk 128 rows": "ce=loss,opt=fused,malloc=on,chunk=128",
-    "  same, CE chunk 512 rows": "ce=loss,opt=fused,malloc=on,chunk=512",
+    "  same, CE chunk 256 rows": "ce=loss,opt=fused,malloc=on,chunk=256",
     "  same, CE chunk 1024 rows": "ce=loss,opt=fused,malloc=on,chunk=1024",
     "  same, 1 thread": "ce=loss,opt=fused,malloc=on,threads=1",
     "  same, autocast bf16 (plain CE)": "ce=loss,opt=fused,malloc=on,precision=bf16",
@@ -265,7 +265,7 @@ def parse_spec(spec: str) -> dict:
         "ce": "fused",
         "opt": "fused",
         "malloc": "off",
-        "chunk": "256",
+        "chunk": "512",
         "threads": "",
         "precision": "fp32",
         "compile": "off",
@@ -276,23 +276,15 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
-def worker_step(args, files) -> dict:
-    """Median step time of one configuration (``--spec``); optionally a profile of it."""
-    import torch
-
-    spec = parse_spec(args.spec)
-    if spec["threads"]:
-        torch.set_num_threads(int(spec["threads"]))
-    if spec["malloc"] == "on":
-        from pocketgpt.trainer import tune_cpu_allocator
-
-        tune_cpu_allocator()
+def _build_variant(spec: dict, files: dict, model_name: str, block: int):
+    """(step function, params) of one ablation variant, built from a parsed spec."""
     import nanogpt_ref as ref
+    import torch
 
     import pocketgpt.model as pm
 
     torch.manual_seed(1337)
-    shape = SHAPES[args.model]
+    shape = SHAPES[model_name]
     if spec["model"] == "bare":
         model = ref.GPT(
             ref.RefConfig(
@@ -305,9 +297,6 @@ def worker_step(args, files) -> dict:
             )
         )
     else:
-        pm.CE_CHUNK_ROWS = int(spec["chunk"])
-        if spec["ce"] == "plain":
-            pm._fused_head_ok = lambda x, t: False
         model = pm.GPTMini(pm.GPTConfig(vocab_size=files["vocab_size"], **shape))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,45 +308,78 @@ def worker_step(args, files) -> dict:
     opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), **kw)
     fwd = torch.compile(model) if spec["compile"] == "on" else model
     offset = ref.npy_data_offset(files["train"])
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if spec["precision"] == "bf16"
-        else contextlib.nullcontext()
-    )
+    bf16 = spec["precision"] == "bf16"
+    fused_ok = pm._fused_head_ok
+    plain = lambda x, t: False  # noqa: E731
 
     def step():
-        x, y = ref.get_batch(files["train"], args.block, BATCH, offset)
-        with autocast:
+        # Per-variant settings that live in module globals or torch: set before every step,
+        # so that variants can be interleaved in one process.
+        pm.CE_CHUNK_ROWS = int(spec["chunk"])
+        pm._fused_head_ok = plain if spec["ce"] == "plain" else fused_ok
+        torch.set_num_threads(int(spec["threads"] or default_threads))
+        x, y = ref.get_batch(files["train"], block, BATCH, offset)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = fwd.loss(x, y) if spec["ce"] == "loss" else fwd(x, y)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    slow = spec["precision"] == "bf16"
-    for _ in range(1 if slow else 2):
-        step()
-    times = []
-    for _ in range(2 if slow else args.steps):
+    default_threads = torch.get_num_threads()
+    return step
+
+
+def worker_step(args, files) -> dict:
+    """Step times of one or more variants (``--spec``, ';'-separated) interleaved step by step
+    in this process, so that other load on the machine hits them alike; ``malloc`` is
+    process-wide, so it is taken from the first spec. Optionally a profile of the first."""
+    import torch
+
+    specs = [parse_spec(x) for x in args.spec.split(";")]
+    if specs[0]["malloc"] == "on":
+        from pocketgpt.trainer import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    steps, firsts = [], []
+    for spec in specs:
+        step = _build_variant(spec, files, args.model, args.block)
         t0 = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
+        firsts.append(time.perf_counter() - t0)
+        steps.append(step)
+    slow = any(s["precision"] == "bf16" for s in specs)
+    for _ in range(1 if slow else 2):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in specs]
+    for i in range(2 if slow else args.steps):
+        order = list(range(len(specs)))
+        order = order[i % len(order) :] + order[: i % len(order)]
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    torch.set_num_threads(torch.get_num_threads())
     out = {
-        "tokens_per_sec": BATCH * args.block / statistics.median(times),
-        "best_tokens_per_sec": BATCH * args.block / min(times),
-        "first_step_s": first,
+        "variants": [
+            {
+                "tokens_per_sec": BATCH * args.block / statistics.median(t),
+                "best_tokens_per_sec": BATCH * args.block / min(t),
+                "first_step_s": f,
+            }
+            for t, f in zip(times, firsts, strict=True)
+        ],
         "peak_rss_mb": peak_rss_mb(),
     }
+    out.update(out["variants"][0])
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         n = 5
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(n):
-                step()
+                steps[0]()
         events = prof.key_averages(group_by_input_shape=True)
         total = sum(e.self_cpu_time_total for e in events)
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
