@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         head = _report.header(f"batch {args.batch_sizes}, median of {args.repeats}", argv)
         _report.append_section(SECTION, head + "\n" + body)
-        if 1 in args.batch_sizes and batch1:
+        # The summary needs both halves of the target: batch 1 and more than one batch size.
+        if 1 in args.batch_sizes and len(args.batch_sizes) > 1 and batch1:
             threads, best = max(batch1.items(), key=lambda kv: kv[1])
             met = best >= 5 and all(grows)
             _report.set_summary(
