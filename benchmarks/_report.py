@@ -22,6 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pocketgpt.atomic import atomic_write_text  # noqa: E402
+
 RESULTS = ROOT / "BENCHMARKS.md"
 
 
@@ -101,19 +105,6 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _find_heading(lines: list[str], heading: str) -> int | None:
     """Index of the ``## heading`` line: an exact title, else the first that starts with it."""
     titles = [(i, ln[3:].strip()) for i, ln in enumerate(lines) if ln.startswith("## ")]
@@ -148,7 +139,7 @@ def append_section(heading: str, markdown: str, path: str | os.PathLike = RESULT
     path = Path(path)
     with _locked(path):
         text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-        _write_atomic(path, insert_section(text, heading, markdown))
+        atomic_write_text(path, insert_section(text, heading, markdown))
     return path
 
 
@@ -174,4 +165,4 @@ def set_summary(key: str, result: str, met: str, path: str | os.PathLike = RESUL
         text = path.read_text(encoding="utf-8")
         new = update_summary_row(text, key, result, met)
         if new != text:
-            _write_atomic(path, new)
+            atomic_write_text(path, new)

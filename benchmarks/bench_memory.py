@@ -33,11 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_train import SHAPES  # noqa: E402  (one table of model shapes for all benchmarks)
+
 SECTION = "Memory"
-SHAPES = {
-    "gpt_mini": dict(d_model=128, n_heads=4, d_ff=512, num_layers=4, max_len=128),
-    "gpt_small": dict(d_model=256, n_heads=8, d_ff=1024, num_layers=6, max_len=256),
-}
 
 
 def rss_mb() -> float:

@@ -13,12 +13,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pocketgpt.atomic import atomic_path, atomic_write_text
 
 FORMAT = "pocketgpt-checkpoint"
 VERSION = 1
@@ -98,22 +99,8 @@ def _py_state_from_tensor(d) -> tuple:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write payload atomically: a temporary file in the same folder, fsync, rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, sync_dir=True) as tmp:  # sync_dir: the rename itself is durable
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
     return path
 
 
@@ -200,10 +187,4 @@ def find_resume_checkpoint(resume: str, search_roots: list[Path], cfg_hash: str)
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     """meta.json beside the checkpoints: what resume=auto reads to match a run."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "meta.json")
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))

@@ -17,13 +17,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pocketgpt.atomic import atomic_path
 from pocketgpt.sweep import ERROR_TAG, ROLE_TAG
 
 # Params that name places or runs rather than settings: never worth a column.
@@ -279,15 +279,9 @@ def write_plot(c: Comparison, path: str | os.PathLike) -> Path:
     fig.suptitle(f"{c.experiment}: {what}")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out, suffix=".png") as tmp:  # savefig picks the format by the name
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pocketgpt.atomic import atomic_path
 from pocketgpt.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
@@ -196,30 +197,20 @@ def _write_token_file(path: Path, text: str, tokenizer) -> None:
     """
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     lines = text.splitlines(keepends=True)
-    fd_raw, raw = tempfile.mkstemp(dir=path.parent, suffix=".tokens.tmp")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
+    # the raw ids first (an anonymous file, gone when closed): the header needs their count
+    with tempfile.TemporaryFile(dir=path.parent) as raw:
         n = 0
-        with os.fdopen(fd_raw, "w+b") as r:
-            for start in range(0, len(lines), ENCODE_CHUNK_LINES):
-                ids = tokenizer.encode_batch(lines[start : start + ENCODE_CHUNK_LINES])
-                chunk = np.fromiter((t for line in ids for t in line), dtype=dtype)
-                r.write(chunk.tobytes())
-                n += len(chunk)
-            r.seek(0)
-            with os.fdopen(fd, "wb") as f:
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-                np.lib.format.write_array_header_1_0(f, {**header, "shape": (n,)})
-                while block := r.read(1 << 20):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        Path(raw).unlink(missing_ok=True)
+        for start in range(0, len(lines), ENCODE_CHUNK_LINES):
+            ids = tokenizer.encode_batch(lines[start : start + ENCODE_CHUNK_LINES])
+            chunk = np.fromiter((t for line in ids for t in line), dtype=dtype)
+            raw.write(chunk.tobytes())
+            n += len(chunk)
+        raw.seek(0)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(f, {**header, "shape": (n,)})
+            while block := raw.read(1 << 20):
+                f.write(block)
 
 
 def tokenize_corpus(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pocketgpt.atomic import atomic_path, atomic_write_text
 from pocketgpt.model import GPTConfig, GPTMini
 
 WEIGHTS_FILE = "model.safetensors"
@@ -18,19 +18,6 @@ CONFIG_FILE = "model_config.json"
 
 class ModelFileError(ValueError):
     """A model folder that is missing, truncated or not a GPTMini; names the file and the fix."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: GPTMini, directory: str | os.PathLike) -> Path:
@@ -44,11 +31,10 @@ def save_model(model: GPTMini, directory: str | os.PathLike) -> Path:
         for k, v in model.state_dict().items()
         if k != "lm_head.weight"
     }
-    _atomic_write(
-        directory / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"})
-    )
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     config = json.dumps({"architecture": "GPTMini", **model.config.to_dict()}, indent=2)
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(config + "\n"))
+    atomic_write_text(directory / CONFIG_FILE, config + "\n")
     return directory
 
 

@@ -285,7 +285,7 @@ class KVDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C) -> logits (B, V)."""
         x = F.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
-        if self.head_rows is not None and x.size(0) >= 4:
+        if self.head_rows is not None:
             return (self.head_rows @ x.t()).t()  # (V, B) -> (B, V), a transposed view
         return x @ self.head
 

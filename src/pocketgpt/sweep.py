@@ -22,7 +22,6 @@ import atexit
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
+from pocketgpt.atomic import atomic_write_text
 from pocketgpt.config import TrackingConfig
 
 PARENT_FILE = "mlflow_sweep.json"
@@ -60,21 +60,9 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_parent(parent: SweepParent) -> Path:
     path = Path(parent.sweep_dir) / PARENT_FILE
-    _atomic_write(path, json.dumps(asdict(parent), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(asdict(parent), indent=2) + "\n")
     return path
 
 

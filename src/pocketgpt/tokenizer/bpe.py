@@ -27,12 +27,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pocketgpt.atomic import atomic_write_text
+
 from . import hfjson
 from .base import (
     DEFAULT_SPECIAL_TOKENS,
     Tokenizer,
     TokenizerError,
-    atomic_write_text,
     check_special_tokens,
     read_json,
 )

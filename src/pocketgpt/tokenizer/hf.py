@@ -17,12 +17,13 @@ from typing import Any
 
 import tokenizers  # the third-party package; ours is pocketgpt.tokenizer (singular)
 
+from pocketgpt.atomic import atomic_write_text
+
 from . import hfjson
 from .base import (
     DEFAULT_SPECIAL_TOKENS,
     Tokenizer,
     TokenizerError,
-    atomic_write_text,
     check_special_tokens,
     read_json,
 )

@@ -1,0 +1,54 @@
+"""Atomic file writes: readers see the old file or the new one, never half of one.
+
+Every file pocketgpt writes (checkpoints, token caches, tokenizers, model folders, sweep
+records, plots) goes through ``atomic_path``: the content is written to a temporary file in the
+target's folder, flushed to disk, then renamed over the target; on any error the temporary file
+is removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike, suffix: str = ".tmp", sync_dir: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path``.
+
+    ``suffix`` is the temporary file's (for writers that pick a format from the name);
+    ``sync_dir`` also fsyncs the folder, making the rename itself durable.
+
+    >>> with atomic_path(Path(tempfile.mkdtemp()) / "a.txt") as tmp:
+    ...     _ = tmp.write_text("hello")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if sync_dir:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
