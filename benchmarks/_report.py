@@ -14,9 +14,11 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -103,6 +105,21 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_worker(script: str, name: str, argv: list[str]) -> dict:
+    """Run ``script --worker name --json OUT *argv`` in a fresh Python process (no allocator or
+    thread-pool state shared with the caller) and return the JSON it wrote to OUT."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, script, "--worker", name, "--json", str(out), *argv]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def _find_heading(lines: list[str], heading: str) -> int | None:

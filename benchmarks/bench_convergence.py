@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -138,19 +137,12 @@ def worker_pocketgpt(args) -> dict:
 
 
 def run_worker(name: str, args) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, __file__, "--worker", name, "--json", out]
-    cmd += ["--steps", str(args.steps), "--eval-every", str(args.eval_every)]
-    for o in args.override:
-        cmd += ["--override", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    try:
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(Path(out).read_text())
-    finally:
-        Path(out).unlink(missing_ok=True)
+    import _report
+
+    argv = ["--steps", str(args.steps), "--eval-every", str(args.eval_every)]
+    return _report.run_worker(
+        __file__, name, argv + [a for o in args.override for a in ("--override", o)]
+    )
 
 
 def time_to(curve: list[dict], target: float) -> tuple[float | None, int | None]:

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -164,16 +163,9 @@ def worker_data(args) -> dict:
 
 
 def run_worker(name: str, args, extra: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, __file__, "--worker", name, "--json", out, "--steps", str(args.steps)]
-    proc = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True)
-    try:
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(Path(out).read_text())
-    finally:
-        Path(out).unlink(missing_ok=True)
+    import _report
+
+    return _report.run_worker(__file__, name, ["--steps", str(args.steps), *extra])
 
 
 def main(argv: list[str] | None = None) -> int:

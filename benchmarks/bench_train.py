@@ -33,7 +33,6 @@ import contextlib
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -406,32 +405,11 @@ WORKERS = {
 
 
 def run_worker(name: str, args, extra: list[str] | None = None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--json",
-        out,
-        "--model",
-        args.model,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        *(extra or []),
-    ]
-    for o in args.override:
-        cmd += ["--override", o]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    try:
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(Path(out).read_text())
-    finally:
-        Path(out).unlink(missing_ok=True)
+    import _report
+
+    argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv += [a for o in args.override for a in ("--override", o)]
+    return _report.run_worker(__file__, name, [*argv, *(extra or [])])
 
 
 # --------------------------------------------------------------------------- main
