@@ -358,3 +358,39 @@ def test_decoder_weights_follow_parameter_updates():
     expected, _ = reference_greedy(m, prompt, 10)
     assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=10)), expected)
     assert "_pocketgpt_decode_weights" not in m.state_dict()
+
+
+def test_generate_reuses_its_decoder_and_leaves_no_state_behind():
+    torch.manual_seed(2)
+    m = GPTMini(CFG).eval()
+    prompt = torch.randint(0, CFG.vocab_size, (2, 9))
+    expected, _ = reference_greedy(m, prompt, 30)
+    # A ragged batch leaves padding masked in the decoder it puts back on the model...
+    generate(m, [[4, 5, 6], list(range(20, 50))], SamplingConfig(max_new_tokens=6))
+    kept = m.__dict__["_pocketgpt_decoder"]
+    # ...which the next call at the same batch size takes over, with none of that state.
+    assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=30)), expected)
+    assert m.__dict__["_pocketgpt_decoder"] is kept
+    one = generate(m, prompt[:1], SamplingConfig(max_new_tokens=30))  # another batch size
+    assert torch.equal(one, expected[:1])
+    assert m.__dict__["_pocketgpt_decoder"].batch_size == 1
+    with torch.inference_mode():  # generate() made its buffers in inference mode
+        kept.prefill(prompt)
+        with pytest.raises(SamplingError, match="3 ids given to a decoder of 2 rows"):
+            kept.step(torch.tensor([1, 2, 3]))
+        with pytest.raises(SamplingError, match="1 rows given to a decoder built for 2"):
+            kept.prefill(prompt[:1])
+
+
+def test_concurrent_generate_calls_on_one_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(3)
+    m = GPTMini(CFG).eval()
+    prompts = [torch.randint(0, CFG.vocab_size, (1, 4 + i)) for i in range(6)]
+    expected = [reference_greedy(m, p, 20)[0] for p in prompts]
+    cfg = SamplingConfig(max_new_tokens=20)
+    with ThreadPoolExecutor(3) as pool:  # each call takes its own decoder off the model
+        got = list(pool.map(lambda p: generate(m, p, cfg), prompts * 4))
+    for i, out in enumerate(got):
+        assert torch.equal(out, expected[i % len(prompts)]), i

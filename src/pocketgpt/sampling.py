@@ -122,6 +122,21 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return x @ w if b is None else torch.addmm(b, x, w)
 
 
+def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    if b is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(b, x, w, out=out)
+
+
+def _add_linear_(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """acc += x @ w + b, in place: a residual connection."""
+    if b is None:
+        acc.addmm_(x, w)
+    else:  # (x @ w + b) first: the model's own rounding, which the tests hold us to
+        acc.add_(torch.addmm(b, x, w))
+
+
 def _qkv_scaled(attn, n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv weights (C, 3C) and bias with the q part pre-scaled by 1/sqrt(head_size), so the
     attention scores need no scaling."""
@@ -190,30 +205,54 @@ class KVDecoder:
     ``prefill(ids)`` runs a window from position 0 and returns the last position's logits;
     ``step(ids)`` appends one token per row and returns its logits. ``pads`` (B,) gives each
     row's number of left-padding tokens in the window, masked out of attention. This is
-    GPTMini.forward rearranged for speed (pre-transposed weights, keys and values written in
-    place, batched matmuls for one-token attention); the tests hold it to 1e-5 of it.
+    GPTMini.forward rearranged for speed; the tests hold it to 1e-5 of it.
+
+    At GPTMini's size a one-token step costs what its torch calls cost to dispatch and what
+    its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can: it writes into buffers allocated once, the views it
+    needs are made once (per position, on first use), and attention always spans all
+    ``max_len`` cache slots under an additive mask (0 on filled slots, -inf elsewhere) instead
+    of slicing the cache to the current length. ``generate`` keeps the last decoder on the
+    model for the next call, so repeated calls skip all of that set-up.
     """
 
     def __init__(self, model: GPTMini, batch_size: int):
         cfg = model.config
+        self.batch_size = batch_size
         self.n_heads, self.d_model, self.max_len = cfg.n_heads, cfg.d_model, cfg.max_len
         self.head_size = cfg.d_model // cfg.n_heads
         self.eps = model.ln_f.eps
-        w = _decode_weights(model)
-        self.tok_emb, self.pos_emb, self.layers, self.ln_f, self.head = w
+        self.weights = _decode_weights(model)
+        self.tok_emb, self.pos_emb, self.layers, self.ln_f, self.head = self.weights
         # The output layer reads 4 MB of weights a step at the default shape. x @ (C, V) runs as
         # a matrix-vector product at one row, the fastest there; from 4 rows up that path is 2x
         # slower than (V, C) @ x.T on a cold cache (BENCHMARKS.md, section (c)).
         self.head_rows = model.lm_head.weight.detach() if batch_size >= 4 else None  # (V, C)
-        B, nh, L, hs = batch_size, self.n_heads, self.max_len, self.head_size
+        B, C, nh, L, hs = batch_size, self.d_model, self.n_heads, self.max_len, self.head_size
         like = dict(dtype=self.tok_emb.dtype, device=self.tok_emb.device)
-        self.kv = [torch.empty(2, B, nh, L, hs, **like) for _ in self.layers]  # keys, values
-        # the same memory as (B*nh, L, hs) per layer: contiguous rows for one-token attention
-        self.k = [kv[0].view(B * nh, L, hs) for kv in self.kv]
-        self.v = [kv[1].view(B * nh, L, hs) for kv in self.kv]
+        # Zeros, not empty: masked slots still enter the products (with weight 0), so they must
+        # hold finite numbers.
+        self.kv = [torch.zeros(2, B, nh, L, hs, **like) for _ in self.layers]  # keys, values
+        # the same memory as (B*nh, hs, L) keys and (B*nh, L, hs) values
+        self.keys_t = [kv[0].view(B * nh, L, hs).transpose(1, 2) for kv in self.kv]
+        self.values = [kv[1].view(B * nh, L, hs) for kv in self.kv]
+        self.mask = torch.zeros(B * nh, 1, L, **like)  # set by prefill, opened slot by slot
         self.length = 0  # positions filled in the cache
         self.pads: torch.Tensor | None = None  # (B,) left padding of the current window
-        self._bias: torch.Tensor | None = None  # (B*nh, 1, L): -inf on padding keys, else 0
+        # step()'s buffers and their views
+        self.x = torch.empty(B, C, **like)  # the residual stream
+        self.qkv = torch.empty(B, 3 * C, **like)
+        self.new_kv = self.qkv[:, C:].view(B, 2, nh, hs).transpose(0, 1)  # (2, B, nh, hs)
+        # q as (B*nh, 1, hs) is a view of qkv at one row only; more rows need a copy per step
+        self.q = self.qkv[:, :C].view(nh, 1, hs) if B == 1 else None
+        self.scores = torch.empty(B * nh, 1, L, **like)
+        self.y = torch.empty(B, C, **like)  # attention output, heads side by side
+        self.y_heads = self.y.view(B * nh, 1, hs)
+        # per position t, made on first use: (mask column, pos_emb row, kv slot of each layer)
+        self.at: list[tuple | None] = [None] * L
+
+    def fits(self, model: GPTMini, batch_size: int) -> bool:
+        """Whether this decoder can serve ``model``, with its current weights, at ``batch_size``."""
+        return self.batch_size == batch_size and self.weights is _decode_weights(model)
 
     def prefill(self, ids: torch.Tensor, pads: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) at positions 0..T-1 -> logits (B, V) of the last one; resets the cache."""
@@ -221,22 +260,25 @@ class KVDecoder:
         C, nh, hs, eps = self.d_model, self.n_heads, self.head_size, self.eps
         if ids.size(1) > self.max_len:
             raise SamplingError(f"a window of {T} tokens is longer than max_len={self.max_len}")
+        if self.batch_size != B:
+            raise SamplingError(f"{B} rows given to a decoder built for {self.batch_size}")
         self.pads = pads if pads is not None and bool(pads.any()) else None
-        mask, self._bias = None, None
+        key = torch.arange(self.max_len, device=ids.device)  # (L,)
+        visible = (key < T).expand(B, -1)  # (B, L): slots step() may attend to
+        mask = None
         if self.pads is None:
             x = F.embedding(ids, self.tok_emb) + self.pos_emb[:T]  # (B, T, C)
         else:
-            key = torch.arange(self.max_len, device=ids.device)  # (L,)
-            visible = key >= self.pads[:, None]  # (B, L): not padding
-            zeros = torch.zeros(visible.shape, dtype=self.tok_emb.dtype, device=ids.device)
-            self._bias = zeros.masked_fill(~visible, float("-inf")).repeat_interleave(nh, 0)
-            self._bias = self._bias[:, None, :]  # (B*nh, 1, L)
+            not_pad = key >= self.pads[:, None]  # (B, L)
+            visible = visible & not_pad
             # A padded query sees itself only, so its row of the softmax stays finite.
             i = key[:T]
             eye = i[None, :] == i[:, None]
-            mask = ((i[None, :] <= i[:, None]) & (visible[:, None, :T] | eye))[:, None]
+            mask = ((i[None, :] <= i[:, None]) & (not_pad[:, None, :T] | eye))[:, None]
             pos = (i[None, :] - self.pads[:, None]).clamp_(min=0)  # (B, T)
             x = F.embedding(ids, self.tok_emb) + F.embedding(pos, self.pos_emb)
+        hidden = ~visible.repeat_interleave(nh, 0)[:, None, :]  # (B*nh, 1, L)
+        self.mask.zero_().masked_fill_(hidden, float("-inf"))
         x = x.view(B * T, C)
         for layer, kv in zip(self.layers, self.kv):
             h = F.layer_norm(x, (C,), layer.ln1_w, layer.ln1_b, eps)
@@ -259,35 +301,57 @@ class KVDecoder:
         t = self.length
         if t >= self.max_len:
             raise SamplingError(f"the KV cache is full ({self.max_len} positions); prefill again")
-        B = ids.size(0)
-        C, nh, hs, eps = self.d_model, self.n_heads, self.head_size, self.eps
-        # position embeddings: (C,), or (B, C) when rows are padded
-        pe = self.pos_emb[t] if self.pads is None else F.embedding(t - self.pads, self.pos_emb)
-        x = F.embedding(ids.view(B), self.tok_emb) + pe  # (B, C)
-        for layer, kv, k_cache, v_cache in zip(self.layers, self.kv, self.k, self.v):
+        B, C, nh, hs, eps = self.batch_size, self.d_model, self.n_heads, self.head_size, self.eps
+        if ids.numel() != B:
+            raise SamplingError(
+                f"{ids.numel()} ids given to a decoder of {B} rows; give one per row"
+            )
+        at = self.at[t]
+        if at is None:
+            at = self.at[t] = (
+                self.mask[:, :, t],
+                self.pos_emb[t],
+                [kv[..., t, :] for kv in self.kv],
+            )
+        mask_slot, pos_row, kv_slots = at
+        x = self.x
+        torch.index_select(self.tok_emb, 0, ids.view(B), out=x)  # (B, C)
+        x.add_(pos_row if self.pads is None else F.embedding(t - self.pads, self.pos_emb))
+        mask_slot.zero_()  # slot t gets this token's keys below: visible from now on
+        for layer, kv_slot, keys_t, values in zip(self.layers, kv_slots, self.keys_t, self.values):
             h = F.layer_norm(x, (C,), layer.ln1_w, layer.ln1_b, eps)
-            qkv = _linear(h, layer.qkv_w, layer.qkv_b)  # (B, 3C)
-            kv[:, :, :, t] = qkv[:, C:].view(B, 2, nh, hs).transpose(0, 1)  # this step's k, v
-            k, v = k_cache[:, : t + 1], v_cache[:, : t + 1]  # 2 x (B*nh, t+1, hs)
-            q = qkv[:, :C].reshape(B * nh, 1, hs)
-            if self._bias is None:
-                att = torch.bmm(q, k.transpose(1, 2))  # (B*nh, 1, t+1)
-            else:
-                att = torch.baddbmm(self._bias[..., : t + 1], q, k.transpose(1, 2))
-            y = torch.bmm(torch.softmax(att, dim=-1), v).view(B, C)
-            x = x + _linear(y, layer.proj_w, layer.proj_b)
+            _linear_into(self.qkv, h, layer.qkv_w, layer.qkv_b)  # (B, 3C)
+            kv_slot.copy_(self.new_kv)  # this step's keys and values into slot t
+            q = self.q if self.q is not None else self.qkv[:, :C].reshape(B * nh, 1, hs)
+            torch.baddbmm(self.mask, q, keys_t, out=self.scores)  # (B*nh, 1, L)
+            torch.bmm(torch.softmax(self.scores, dim=-1), values, out=self.y_heads)
+            _add_linear_(x, self.y, layer.proj_w, layer.proj_b)
             h = F.layer_norm(x, (C,), layer.ln2_w, layer.ln2_b, eps)
             h = F.gelu(_linear(h, layer.fc_w, layer.fc_b), approximate="tanh")
-            x = x + _linear(h, layer.out_w, layer.out_b)
+            _add_linear_(x, h, layer.out_w, layer.out_b)
         self.length = t + 1
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C) -> logits (B, V)."""
+        """x (B, C) -> logits (B, V), a new tensor."""
         x = F.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
         if self.head_rows is not None:
             return (self.head_rows @ x.t()).t()  # (V, B) -> (B, V), a transposed view
         return x @ self.head
+
+
+_DECODER_ATTR = "_pocketgpt_decoder"
+
+
+def _take_decoder(model: GPTMini, batch_size: int) -> KVDecoder:
+    """The decoder the last ``generate`` call left on the model if it still fits, else a new one.
+
+    Taking it off the model (an atomic dict pop) keeps concurrent calls from sharing buffers.
+    """
+    decoder = model.__dict__.pop(_DECODER_ATTR, None)
+    if decoder is not None and decoder.fits(model, batch_size):
+        return decoder
+    return KVDecoder(model, batch_size)
 
 
 def _left_pad(
@@ -355,7 +419,7 @@ def generate(
         counts = prompt.new_zeros(B, model.config.vocab_size).scatter_add_(1, prompt, real)
         seen = counts > 0
 
-    decoder = KVDecoder(model, B)
+    decoder = _take_decoder(model, B)
     # With the cache, a full context re-prefills max_len - slide + 1 tokens; without, every step
     # re-runs the last max_len tokens.
     window = max_len - cfg.slide + 1 if cfg.use_cache else max_len
@@ -395,6 +459,7 @@ def generate(
             logits = prefill(window)
         else:
             logits = decoder.step(next_id)
+    model.__dict__[_DECODER_ATTR] = decoder  # for the next call (a plain attribute)
     return seq[:, T0 : T0 + n]
 
 
