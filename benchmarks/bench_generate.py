@@ -13,7 +13,8 @@ no <eos>), so a whole run fills the context once. Compared, per batch size and t
   n_positions 128, vocab 8192) with and without its cache.
 
 Each repeat runs every method once in turn (so load changes on a shared machine hit all of them
-alike); the table shows the median tokens/s and the median of the per-repeat ratios. Appends a
+alike); the table shows the median tokens/s and the median of the per-repeat ratios, with their
+quartiles from 4 repeats up. Appends a
 dated section to BENCHMARKS.md under (c) and refreshes its summary row (``--no-write`` to only
 print). Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s
 growing with the batch.
@@ -142,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             rates, agree = measure(fns, batch, args.repeats)
             for name, rate in rates.items():
                 # each repeat's ratio compares runs made seconds apart, under the same load
-                ratio = statistics.median(r / b for r, b in zip(rate, rates[BASE], strict=True))
-                rows.append([batch, name, f"{statistics.median(rate):,.0f}", f"{ratio:.2f}x"])
+                paired = [r / b for r, b in zip(rate, rates[BASE], strict=True)]
+                ratio = statistics.median(paired)
+                spread = ""
+                if len(paired) >= 4:  # the middle half of the repeats: how much the ratio moved
+                    q1, _, q3 = statistics.quantiles(paired, n=4)
+                    spread = f" ({q1:.2f}-{q3:.2f})"
+                rows.append(
+                    [batch, name, f"{statistics.median(rate):,.0f}", f"{ratio:.2f}x{spread}"]
+                )
                 if name == OURS and batch == 1:
                     batch1[threads] = ratio
             ours_by_batch.append(statistics.median(rates[OURS]))
@@ -161,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             f"torch threads: {threads}",
             "",
             _report.table(
-                ["batch", "method", "tokens/s (median)", "vs transformers, cache (median ratio)"],
+                [
+                    "batch",
+                    "method",
+                    "tokens/s (median)",
+                    "vs transformers, cache (median ratio, quartiles)",
+                ],
                 rows,
             ),
         ]

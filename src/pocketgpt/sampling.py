@@ -318,15 +318,16 @@ class KVDecoder:
         torch.index_select(self.tok_emb, 0, ids.view(B), out=x)  # (B, C)
         x.add_(pos_row if self.pads is None else F.embedding(t - self.pads, self.pos_emb))
         mask_slot.zero_()  # slot t gets this token's keys below: visible from now on
+        # torch.layer_norm, not F.layer_norm: the same op without a Python wrapper, ~1.5 us less
         for layer, kv_slot, keys_t, values in zip(self.layers, kv_slots, self.keys_t, self.values):
-            h = F.layer_norm(x, (C,), layer.ln1_w, layer.ln1_b, eps)
+            h = torch.layer_norm(x, (C,), layer.ln1_w, layer.ln1_b, eps)
             _linear_into(self.qkv, h, layer.qkv_w, layer.qkv_b)  # (B, 3C)
             kv_slot.copy_(self.new_kv)  # this step's keys and values into slot t
             q = self.q if self.q is not None else self.qkv[:, :C].reshape(B * nh, 1, hs)
             torch.baddbmm(self.mask, q, keys_t, out=self.scores)  # (B*nh, 1, L)
             torch.bmm(torch.softmax(self.scores, dim=-1), values, out=self.y_heads)
             _add_linear_(x, self.y, layer.proj_w, layer.proj_b)
-            h = F.layer_norm(x, (C,), layer.ln2_w, layer.ln2_b, eps)
+            h = torch.layer_norm(x, (C,), layer.ln2_w, layer.ln2_b, eps)
             h = F.gelu(_linear(h, layer.fc_w, layer.fc_b), approximate="tanh")
             _add_linear_(x, h, layer.out_w, layer.out_b)
         self.length = t + 1
@@ -334,7 +335,7 @@ class KVDecoder:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C) -> logits (B, V), a new tensor."""
-        x = F.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
+        x = torch.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
         if self.head_rows is not None:
             return (self.head_rows @ x.t()).t()  # (V, B) -> (B, V), a transposed view
         return x @ self.head
