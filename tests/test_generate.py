@@ -70,22 +70,23 @@ def reference_greedy(model, prompt, n):
 def recorded_logits(monkeypatch):
     """Record every logits tensor the KV decoder returns to generate()."""
     seen = []
-    for name in ("prefill", "step"):
-        original = getattr(KVDecoder, name)
+    for cls, name in [(KVDecoder, "prefill"), (KVDecoder, "step")]:
+        original = getattr(cls, name)
 
         def wrapper(self, *args, _original=original, **kwargs):
             out = _original(self, *args, **kwargs)
             seen.append(out.clone())
             return out
 
-        monkeypatch.setattr(KVDecoder, name, wrapper)
+        monkeypatch.setattr(cls, name, wrapper)
     return seen
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("prompt_len", [5, 31, 32, 45], ids=["short", "fills-1", "fills", "long"])
-def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prompt_len):
+def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prompt_len, rows):
     torch.manual_seed(prompt_len)
-    prompt = torch.randint(0, CFG.vocab_size, (2, prompt_len))
+    prompt = torch.randint(0, CFG.vocab_size, (rows, prompt_len))
     n = 40  # runs well past max_len=32: the window slides in every case
     expected, ref_logits = reference_greedy(model, prompt, n)
     seen = recorded_logits(monkeypatch)
@@ -102,8 +103,25 @@ def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prom
 CLOSE = dict(atol=1e-5, rtol=1e-6)
 
 
+def model_with_random_biases(bias: bool) -> GPTMini:
+    """GPT-2's init zeroes biases and sets LayerNorm to identity, which would hide a misplaced
+    bias or affine: here they are random too."""
+    torch.manual_seed(4)
+    m = GPTMini(replace(CFG, bias=bias)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif ".ln" in name or name.startswith("ln_f"):
+                p.normal_(1.0, 0.1)
+        m.tok_emb.weight.normal_(0, 1.0)  # as the `model` fixture
+    return m
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_decoder_logits_match_forward_at_every_position(model, batch):
+def test_decoder_logits_match_forward_at_every_position(batch, bias):
+    model = model_with_random_biases(bias)
     ids = torch.randint(
         0, CFG.vocab_size, (batch, CFG.max_len), generator=torch.Generator().manual_seed(batch)
     )
