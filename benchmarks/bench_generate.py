@@ -14,9 +14,8 @@ no <eos>), so a whole run fills the context once. Compared, per batch size and t
 
 Each repeat runs every method once in turn (so load changes on a shared machine hit all of them
 alike); the table shows the median tokens/s and the median of the per-repeat ratios, with their
-quartiles from 4 repeats up. Appends a
-dated section to BENCHMARKS.md under (c) and refreshes its summary row (``--no-write`` to only
-print). Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s
+quartiles from 4 repeats up. Appends a dated section to BENCHMARKS.md under (c) and refreshes its
+summary row (``--no-write`` to only print). Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s
 growing with the batch.
 """
 

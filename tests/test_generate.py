@@ -70,15 +70,15 @@ def reference_greedy(model, prompt, n):
 def recorded_logits(monkeypatch):
     """Record every logits tensor the KV decoder returns to generate()."""
     seen = []
-    for cls, name in [(KVDecoder, "prefill"), (KVDecoder, "step")]:
-        original = getattr(cls, name)
+    for name in ("prefill", "step"):
+        original = getattr(KVDecoder, name)
 
         def wrapper(self, *args, _original=original, **kwargs):
             out = _original(self, *args, **kwargs)
             seen.append(out.clone())
             return out
 
-        monkeypatch.setattr(cls, name, wrapper)
+        monkeypatch.setattr(KVDecoder, name, wrapper)
     return seen
 
 

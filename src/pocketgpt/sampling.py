@@ -208,11 +208,12 @@ class KVDecoder:
     GPTMini.forward rearranged for speed; the tests hold it to 1e-5 of it.
 
     At GPTMini's size a one-token step costs what its torch calls cost to dispatch and what
-    its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can: it writes into buffers allocated once, the views it
-    needs are made once (per position, on first use), and attention always spans all
-    ``max_len`` cache slots under an additive mask (0 on filled slots, -inf elsewhere) instead
-    of slicing the cache to the current length. ``generate`` keeps the last decoder on the
-    model for the next call, so repeated calls skip all of that set-up.
+    its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can: it
+    writes into buffers allocated once, the views it needs are made once (per position, on
+    first use), and attention always spans all ``max_len`` cache slots under an additive mask
+    (0 on filled slots, -inf elsewhere) instead of slicing the cache to the current length.
+    ``generate`` keeps the last decoder on the model for the next call, so repeated calls skip
+    all of that set-up.
     """
 
     def __init__(self, model: GPTMini, batch_size: int):
