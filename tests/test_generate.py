@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pocketgpt
+from pocketgpt import sampling
 from pocketgpt.loading import ModelURIError, check_device, load, resolve
 from pocketgpt.model import GPTConfig, GPTMini
 from pocketgpt.model_io import ModelFileError, save_model
@@ -84,7 +85,10 @@ def recorded_logits(monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("prompt_len", [5, 31, 32, 45], ids=["short", "fills-1", "fills", "long"])
-def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prompt_len, rows):
+def test_kv_cache_matches_recomputing_the_whole_context(
+    model, monkeypatch, prompt_len, rows, kernel
+):
+    model.__dict__.pop("_pocketgpt_decoders", None)  # decoders with this test's kernel
     torch.manual_seed(prompt_len)
     prompt = torch.randint(0, CFG.vocab_size, (rows, prompt_len))
     n = 40  # runs well past max_len=32: the window slides in every case
@@ -118,16 +122,32 @@ def model_with_random_biases(bias: bool) -> GPTMini:
     return m
 
 
+@pytest.fixture(params=["torchscript", "eager"])
+def kernel(request, monkeypatch):
+    """Run the decoder's step kernel compiled (the default) and as plain Python (the fallback
+    where TorchScript is unavailable): both must give the model's logits."""
+    if request.param == "eager":
+        monkeypatch.setattr(sampling, "compile_kernel", lambda k: k)
+    return request.param
+
+
+def test_the_step_kernel_compiles():
+    """Else every decoder silently falls back to the slower eager kernel."""
+    dec = KVDecoder(GPTMini(CFG).eval(), 2)
+    assert isinstance(dec.kernel, torch.jit.ScriptModule)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_decoder_logits_match_forward_at_every_position(batch, bias):
+def test_decoder_logits_match_forward_at_every_position(batch, bias, kernel):
     model = model_with_random_biases(bias)
     ids = torch.randint(
         0, CFG.vocab_size, (batch, CFG.max_len), generator=torch.Generator().manual_seed(batch)
     )
     full = model(ids)  # (B, L, V)
     dec = KVDecoder(model, batch)
-    assert (dec.head_rows is not None) == (batch >= 4)
+    assert isinstance(dec.kernel, torch.jit.ScriptModule) == (kernel == "torchscript")
+    assert (dec.kernel.head_rows is not None) == (batch >= 4)
     assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], **CLOSE)
     for t in range(4, CFG.max_len):
         assert torch.allclose(dec.step(ids[:, t : t + 1]), full[:, t], **CLOSE)
@@ -385,19 +405,39 @@ def test_generate_reuses_its_decoder_and_leaves_no_state_behind():
     expected, _ = reference_greedy(m, prompt, 30)
     # A ragged batch leaves padding masked in the decoder it puts back on the model...
     generate(m, [[4, 5, 6], list(range(20, 50))], SamplingConfig(max_new_tokens=6))
-    kept = m.__dict__["_pocketgpt_decoder"]
+    kept = m.__dict__["_pocketgpt_decoders"][2]
     # ...which the next call at the same batch size takes over, with none of that state.
     assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=30)), expected)
-    assert m.__dict__["_pocketgpt_decoder"] is kept
+    assert m.__dict__["_pocketgpt_decoders"][2] is kept
     one = generate(m, prompt[:1], SamplingConfig(max_new_tokens=30))  # another batch size
     assert torch.equal(one, expected[:1])
-    assert m.__dict__["_pocketgpt_decoder"].batch_size == 1
+    assert list(m.__dict__["_pocketgpt_decoders"]) == [2, 1]  # both kept, the newest last
+    for b in (3, 4, 5):
+        generate(m, prompt[:1].expand(b, -1), SamplingConfig(max_new_tokens=2))
+    assert list(m.__dict__["_pocketgpt_decoders"]) == [1, 3, 4, 5]  # the last four
+    with torch.no_grad():
+        m.lm_head.weight.mul_(2)  # new weights: a kept decoder is stale
+    generate(m, prompt[:1], SamplingConfig(max_new_tokens=2))
+    assert list(m.__dict__["_pocketgpt_decoders"]) == [1]  # and so are the others: dropped
     with torch.inference_mode():  # generate() made its buffers in inference mode
         kept.prefill(prompt)
         with pytest.raises(SamplingError, match="3 ids given to a decoder of 2 rows"):
             kept.step(torch.tensor([1, 2, 3]))
         with pytest.raises(SamplingError, match="1 rows given to a decoder built for 2"):
             kept.prefill(prompt[:1])
+
+
+def test_a_model_that_generated_can_be_copied_and_pickled():
+    import copy
+    import pickle
+
+    torch.manual_seed(5)
+    m = GPTMini(CFG).eval()
+    prompt = torch.randint(0, CFG.vocab_size, (1, 6))
+    out = generate(m, prompt, SamplingConfig(max_new_tokens=8))  # leaves a decoder on m
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert not twin.__dict__["_pocketgpt_decoders"]  # the copy builds its own
+        assert torch.equal(generate(twin, prompt, SamplingConfig(max_new_tokens=8)), out)
 
 
 def test_concurrent_generate_calls_on_one_model():

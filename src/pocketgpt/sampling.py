@@ -2,9 +2,10 @@
 
 The prompt runs once (prefill) and fills a preallocated cache of ``max_len`` positions per layer;
 each new token then costs one position. ``KVDecoder`` is GPTMini's forward written out for
-inference on pre-transposed weights with as few small ops as possible: at GPTMini's size a step
-is bound by per-op overhead, not arithmetic. ``tests/test_generate.py`` checks it against
-``GPTMini.forward`` (logits within 1e-5).
+inference on pre-transposed weights with as few small ops as possible (its one-token step is
+``pocketgpt.decode_step``): at GPTMini's size a step is bound by per-op overhead, not
+arithmetic. ``tests/test_generate.py`` checks it against ``GPTMini.forward`` (logits within
+1e-5).
 
 Context limit: a prompt longer than ``max_len`` keeps its last ``max_len`` tokens (truncated
 from the left). When the sequence outgrows the context the window slides. With ``slide=1`` (the
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pocketgpt.decode_step import StepKernel, compile_kernel
 from pocketgpt.model import GPTMini
 
 
@@ -122,21 +124,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return x @ w if b is None else torch.addmm(b, x, w)
 
 
-def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    if b is None:
-        torch.mm(x, w, out=out)
-    else:
-        torch.addmm(b, x, w, out=out)
-
-
-def _add_linear_(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """acc += x @ w + b, in place: a residual connection."""
-    if b is None:
-        acc.addmm_(x, w)
-    else:  # (x @ w + b) first: the model's own rounding, which the tests hold us to
-        acc.add_(torch.addmm(b, x, w))
-
-
 def _qkv_scaled(attn, n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv weights (C, 3C) and bias with the q part pre-scaled by 1/sqrt(head_size), so the
     attention scores need no scaling."""
@@ -208,12 +195,11 @@ class KVDecoder:
     GPTMini.forward rearranged for speed; the tests hold it to 1e-5 of it.
 
     At GPTMini's size a one-token step costs what its torch calls cost to dispatch and what
-    its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can: it
-    writes into buffers allocated once, the views it needs are made once (per position, on
-    first use), and attention always spans all ``max_len`` cache slots under an additive mask
-    (0 on filled slots, -inf elsewhere) instead of slicing the cache to the current length.
-    ``generate`` keeps the last decoder on the model for the next call, so repeated calls skip
-    all of that set-up.
+    its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can, in one
+    TorchScript call (``decode_step.StepKernel``): it writes into buffers allocated once, and
+    attention always spans all ``max_len`` cache slots under an additive mask (0 on filled
+    slots, -inf elsewhere) instead of slicing the cache to the current length. ``generate``
+    keeps its decoders on the model for the next calls, so repeated calls skip that set-up.
     """
 
     def __init__(self, model: GPTMini, batch_size: int):
@@ -227,29 +213,16 @@ class KVDecoder:
         # The output layer reads 4 MB of weights a step at the default shape. x @ (C, V) runs as
         # a matrix-vector product at one row, the fastest there; from 4 rows up that path is 2x
         # slower than (V, C) @ x.T on a cold cache (BENCHMARKS.md, section (c)).
-        self.head_rows = model.lm_head.weight.detach() if batch_size >= 4 else None  # (V, C)
-        B, C, nh, L, hs = batch_size, self.d_model, self.n_heads, self.max_len, self.head_size
-        like = dict(dtype=self.tok_emb.dtype, device=self.tok_emb.device)
-        # Zeros, not empty: masked slots still enter the products (with weight 0), so they must
-        # hold finite numbers.
-        self.kv = [torch.zeros(2, B, nh, L, hs, **like) for _ in self.layers]  # keys, values
-        # the same memory as (B*nh, hs, L) keys and (B*nh, L, hs) values
-        self.keys_t = [kv[0].view(B * nh, L, hs).transpose(1, 2) for kv in self.kv]
-        self.values = [kv[1].view(B * nh, L, hs) for kv in self.kv]
-        self.mask = torch.zeros(B * nh, 1, L, **like)  # set by prefill, opened slot by slot
+        head_rows = model.lm_head.weight.detach() if batch_size >= 4 else None  # (V, C)
+        self.kernel = StepKernel(
+            self.tok_emb, self.pos_emb, [list(layer) for layer in self.layers], *self.ln_f,
+            self.head, head_rows, batch_size, self.n_heads, self.eps,
+        )  # fmt: skip
+        self.kv, self.mask = self.kernel.kv, self.kernel.mask  # prefill fills them
+        self.kernel = compile_kernel(self.kernel)
+        self.run_step = self.kernel.forward  # called directly: skips nn.Module's call hooks
         self.length = 0  # positions filled in the cache
         self.pads: torch.Tensor | None = None  # (B,) left padding of the current window
-        # step()'s buffers and their views
-        self.x = torch.empty(B, C, **like)  # the residual stream
-        self.qkv = torch.empty(B, 3 * C, **like)
-        self.new_kv = self.qkv[:, C:].view(B, 2, nh, hs).transpose(0, 1)  # (2, B, nh, hs)
-        # q as (B*nh, 1, hs) is a view of qkv at one row only; more rows need a copy per step
-        self.q = self.qkv[:, :C].view(nh, 1, hs) if B == 1 else None
-        self.scores = torch.empty(B * nh, 1, L, **like)
-        self.y = torch.empty(B, C, **like)  # attention output, heads side by side
-        self.y_heads = self.y.view(B * nh, 1, hs)
-        # per position t, made on first use: (mask column, pos_emb row, kv slot of each layer)
-        self.at: list[tuple | None] = [None] * L
 
     def fits(self, model: GPTMini, batch_size: int) -> bool:
         """Whether this decoder can serve ``model``, with its current weights, at ``batch_size``."""
@@ -295,65 +268,74 @@ class KVDecoder:
             h = F.gelu(_linear(h, layer.fc_w, layer.fc_b), approximate="tanh")
             x = x + _linear(h, layer.out_w, layer.out_b)
         self.length = T
-        return self._logits(x.view(B, T, C)[:, -1])  # only the last position is sampled from
+        return self.kernel.logits(x.view(B, T, C)[:, -1])  # only the last one is sampled from
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B,) or (B, 1) at the next position -> logits (B, V)."""
         t = self.length
         if t >= self.max_len:
             raise SamplingError(f"the KV cache is full ({self.max_len} positions); prefill again")
-        B, C, nh, hs, eps = self.batch_size, self.d_model, self.n_heads, self.head_size, self.eps
-        if ids.numel() != B:
+        if ids.numel() != self.batch_size:
             raise SamplingError(
-                f"{ids.numel()} ids given to a decoder of {B} rows; give one per row"
+                f"{ids.numel()} ids given to a decoder of {self.batch_size} rows; give one per row"
             )
-        at = self.at[t]
-        if at is None:
-            at = self.at[t] = (
-                self.mask[:, :, t],
-                self.pos_emb[t],
-                [kv[..., t, :] for kv in self.kv],
-            )
-        mask_slot, pos_row, kv_slots = at
-        x = self.x
-        torch.index_select(self.tok_emb, 0, ids.view(B), out=x)  # (B, C)
-        x.add_(pos_row if self.pads is None else F.embedding(t - self.pads, self.pos_emb))
-        mask_slot.zero_()  # slot t gets this token's keys below: visible from now on
-        # torch.layer_norm, not F.layer_norm: the same op without a Python wrapper, ~1.5 us less
-        for layer, kv_slot, keys_t, values in zip(self.layers, kv_slots, self.keys_t, self.values):
-            h = torch.layer_norm(x, (C,), layer.ln1_w, layer.ln1_b, eps)
-            _linear_into(self.qkv, h, layer.qkv_w, layer.qkv_b)  # (B, 3C)
-            kv_slot.copy_(self.new_kv)  # this step's keys and values into slot t
-            q = self.q if self.q is not None else self.qkv[:, :C].reshape(B * nh, 1, hs)
-            torch.baddbmm(self.mask, q, keys_t, out=self.scores)  # (B*nh, 1, L)
-            torch.bmm(torch.softmax(self.scores, dim=-1), values, out=self.y_heads)
-            _add_linear_(x, self.y, layer.proj_w, layer.proj_b)
-            h = torch.layer_norm(x, (C,), layer.ln2_w, layer.ln2_b, eps)
-            h = F.gelu(_linear(h, layer.fc_w, layer.fc_b), approximate="tanh")
-            _add_linear_(x, h, layer.out_w, layer.out_b)
+        logits = self.run_step(ids.view(-1), t, self.pads)
         self.length = t + 1
-        return self._logits(x)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C) -> logits (B, V), a new tensor."""
-        x = torch.layer_norm(x, (self.d_model,), self.ln_f[0], self.ln_f[1], self.eps)
-        if self.head_rows is not None:
-            return (self.head_rows @ x.t()).t()  # (V, B) -> (B, V), a transposed view
-        return x @ self.head
+        return logits
 
 
-_DECODER_ATTR = "_pocketgpt_decoder"
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) index of each row's maximum (the first one on ties)."""
+    if logits.device.type == "cpu":
+        # NumPy's vectorised argmax takes ~4 us over 8192 floats where torch's takes ~23 us:
+        # 4% of a whole decoding step at batch 1 (BENCHMARKS.md, section (c)).
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
+_DECODERS_ATTR = "_pocketgpt_decoders"
+_KEPT_DECODERS = 4  # batch sizes whose decoder a model keeps between generate calls
+
+
+class _Decoders(dict):
+    """Batch size -> the KVDecoder a past ``generate`` call left on a model.
+
+    A copy of the model (``copy.deepcopy``, pickle) starts without them: they are buffers and
+    compiled kernels (which cannot be copied), not model state.
+    """
+
+    def __deepcopy__(self, memo) -> _Decoders:
+        return _Decoders()
+
+    def __reduce__(self):
+        return _Decoders, ()
 
 
 def _take_decoder(model: GPTMini, batch_size: int) -> KVDecoder:
-    """The decoder the last ``generate`` call left on the model if it still fits, else a new one.
+    """The decoder a past ``generate`` call left on the model for this batch size, if it is
+    still current, else a new one.
 
     Taking it off the model (an atomic dict pop) keeps concurrent calls from sharing buffers.
     """
-    decoder = model.__dict__.pop(_DECODER_ATTR, None)
+    decoders = model.__dict__.setdefault(_DECODERS_ATTR, _Decoders())
+    decoder = decoders.pop(batch_size, None)
     if decoder is not None and decoder.fits(model, batch_size):
         return decoder
+    if decoder is not None:  # the weights changed: every kept decoder is stale
+        decoders.clear()
     return KVDecoder(model, batch_size)
+
+
+def _keep_decoder(model: GPTMini, decoder: KVDecoder) -> None:
+    """Leave ``decoder`` on the model for the next call, keeping the last few batch sizes'.
+
+    A new decoder costs ~20 ms (mostly compiling its kernel): a server answering batches of
+    varying size would pay that on most requests if only the last one were kept.
+    """
+    decoders = model.__dict__.setdefault(_DECODERS_ATTR, _Decoders())  # a plain attribute
+    decoders[decoder.batch_size] = decoder  # dicts keep insertion order: the newest is last
+    for batch_size in list(decoders)[:-_KEPT_DECODERS]:
+        decoders.pop(batch_size, None)
 
 
 def _left_pad(
@@ -410,6 +392,7 @@ def generate(
     ragged = bool(pads.any())
     seq = torch.cat([prompt, prompt.new_zeros(B, cfg.max_new_tokens)], dim=1)  # (B, T0 + N)
     total = T0  # columns of seq filled so far, left padding included
+    seq_cols = seq.unbind(1)  # views made once: writing a column is then one copy_
     gen = None
     if cfg.seed is not None:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -439,7 +422,7 @@ def generate(
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         if cfg.temperature <= 0:
-            next_id = logits.argmax(dim=-1)  # (B,)
+            next_id = _argmax(logits)  # (B,)
         else:
             probs = torch.softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
             next_id = torch.multinomial(probs, 1, generator=gen)[:, 0]
@@ -449,7 +432,7 @@ def generate(
             next_id = torch.where(finished, eos_id, next_id)
             finished |= next_id == eos_id
             all_done = bool(finished.all())
-        seq[:, total] = next_id
+        seq_cols[total].copy_(next_id)
         total += 1
         if seen is not None:
             seen[torch.arange(B, device=device), next_id] = True
@@ -461,7 +444,7 @@ def generate(
             logits = prefill(window)
         else:
             logits = decoder.step(next_id)
-    model.__dict__[_DECODER_ATTR] = decoder  # for the next call (a plain attribute)
+    _keep_decoder(model, decoder)
     return seq[:, T0 : T0 + n]
 
 
