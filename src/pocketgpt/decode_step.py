@@ -124,7 +124,7 @@ def compile_kernel(kernel: StepKernel) -> StepKernel:
 
     TorchScript is deprecated in torch 2.x, but nothing replaces it here: ``torch.compile`` made
     this step slower, after 19 s of compiling; TorchScript takes ~20 ms and makes a whole
-    generation ~1.15x faster at batch 1 (BENCHMARKS.md, section (c)).
+    generation ~1.13x faster at batch 1 (BENCHMARKS.md, section (c)).
     """
     # Its DeprecationWarning is left alone: hidden by default, and suppressing it here would
     # change the process-wide warning filters under concurrent callers.
