@@ -124,17 +124,31 @@ def model_with_random_biases(bias: bool) -> GPTMini:
 
 @pytest.fixture(params=["torchscript", "eager"])
 def kernel(request, monkeypatch):
-    """Run the decoder's step kernel compiled (the default) and as plain Python (the fallback
-    where TorchScript is unavailable): both must give the model's logits."""
+    """Run the decoder's step kernel compiled from the first step, and as plain Python (how a
+    decoder starts, and the fallback where TorchScript is unavailable): both must give the
+    model's logits."""
     if request.param == "eager":
         monkeypatch.setattr(sampling, "compile_kernel", lambda k: k)
+    else:
+        monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 0)
     return request.param
 
 
-def test_the_step_kernel_compiles():
-    """Else every decoder silently falls back to the slower eager kernel."""
-    dec = KVDecoder(GPTMini(CFG).eval(), 2)
-    assert isinstance(dec.kernel, torch.jit.ScriptModule)
+def test_the_step_kernel_compiles_once_a_decoder_has_run_enough_steps(monkeypatch):
+    monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 50)
+    torch.manual_seed(6)
+    m = GPTMini(CFG).eval()
+    prompt = torch.randint(0, CFG.vocab_size, (2, 3))
+    expected, _ = reference_greedy(m, prompt, 20)
+    kinds = []
+    for _ in range(4):  # 20 steps a call: the third call starts at 40 + 20 >= 50 and compiles
+        assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=20)), expected)
+        dec = m.__dict__["_pocketgpt_decoders"][2]
+        kinds.append(isinstance(dec.kernel, torch.jit.ScriptModule))
+    # A ScriptModule: else TorchScript failed on the kernel and every decoder silently stays on
+    # the slower eager one.
+    assert kinds == [False, False, True, True]
+    assert dec.steps_run == 4 * 19  # the last token of a call needs no step
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -146,6 +160,7 @@ def test_decoder_logits_match_forward_at_every_position(batch, bias, kernel):
     )
     full = model(ids)  # (B, L, V)
     dec = KVDecoder(model, batch)
+    dec.compile_when_due(0)
     assert isinstance(dec.kernel, torch.jit.ScriptModule) == (kernel == "torchscript")
     assert (dec.kernel.head_rows is not None) == (batch >= 4)
     assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], **CLOSE)

@@ -186,6 +186,9 @@ def _decode_weights(model: GPTMini) -> _Weights:
     return weights
 
 
+COMPILE_AFTER_STEPS = 512  # steps a decoder runs eagerly before its kernel is compiled
+
+
 class KVDecoder:
     """GPTMini inference with a static KV cache: per layer (2, B, heads, max_len, head_size).
 
@@ -196,7 +199,8 @@ class KVDecoder:
 
     At GPTMini's size a one-token step costs what its torch calls cost to dispatch and what
     its weights cost to read, not arithmetic, so ``step`` makes as few calls as it can, in one
-    TorchScript call (``decode_step.StepKernel``): it writes into buffers allocated once, and
+    TorchScript call once the decoder has been used enough to repay compiling it
+    (``decode_step.StepKernel``, ``compile_when_due``): it writes into buffers allocated once, and
     attention always spans all ``max_len`` cache slots under an additive mask (0 on filled
     slots, -inf elsewhere) instead of slicing the cache to the current length. ``generate``
     keeps its decoders on the model for the next calls, so repeated calls skip that set-up.
@@ -219,10 +223,22 @@ class KVDecoder:
             self.head, head_rows, batch_size, self.n_heads, self.eps,
         )  # fmt: skip
         self.kv, self.mask = self.kernel.kv, self.kernel.mask  # prefill fills them
-        self.kernel = compile_kernel(self.kernel)
         self.run_step = self.kernel.forward  # called directly: skips nn.Module's call hooks
+        self.steps_run, self.compiled = 0, False
         self.length = 0  # positions filled in the cache
         self.pads: torch.Tensor | None = None  # (B,) left padding of the current window
+
+    def compile_when_due(self, upcoming_steps: int) -> None:
+        """Compile the step kernel with TorchScript once this decoder, with ``upcoming_steps``
+        more, will have run COMPILE_AFTER_STEPS steps.
+
+        Compiling saves ~60 us a step at GPTMini's size but costs ~20 ms a decoder (~80 ms for
+        the first in a process), so a short one-off generation runs faster without it.
+        """
+        if not self.compiled and self.steps_run + upcoming_steps >= COMPILE_AFTER_STEPS:
+            self.kernel = compile_kernel(self.kernel)
+            self.run_step = self.kernel.forward
+            self.compiled = True
 
     def fits(self, model: GPTMini, batch_size: int) -> bool:
         """Whether this decoder can serve ``model``, with its current weights, at ``batch_size``."""
@@ -281,6 +297,7 @@ class KVDecoder:
             )
         logits = self.run_step(ids.view(-1), t, self.pads)
         self.length = t + 1
+        self.steps_run += 1
         return logits
 
 
@@ -329,8 +346,8 @@ def _take_decoder(model: GPTMini, batch_size: int) -> KVDecoder:
 def _keep_decoder(model: GPTMini, decoder: KVDecoder) -> None:
     """Leave ``decoder`` on the model for the next call, keeping the last few batch sizes'.
 
-    A new decoder costs ~20 ms (mostly compiling its kernel): a server answering batches of
-    varying size would pay that on most requests if only the last one were kept.
+    A compiled decoder took ~20 ms to compile: a server answering batches of varying size would
+    lose that on most requests if only the last one were kept.
     """
     decoders = model.__dict__.setdefault(_DECODERS_ATTR, _Decoders())  # a plain attribute
     decoders[decoder.batch_size] = decoder  # dicts keep insertion order: the newest is last
@@ -405,6 +422,8 @@ def generate(
         seen = counts > 0
 
     decoder = _take_decoder(model, B)
+    if cfg.use_cache:
+        decoder.compile_when_due(cfg.max_new_tokens)
     # With the cache, a full context re-prefills max_len - slide + 1 tokens; without, every step
     # re-runs the last max_len tokens.
     window = max_len - cfg.slide + 1 if cfg.use_cache else max_len
