@@ -12,11 +12,13 @@ no <eos>), so a whole run fills the context once. Compared, per batch size and t
 - transformers ``GPT2LMHeadModel.generate`` (n_embd 128, n_head 4, n_inner 512, n_layer 4,
   n_positions 128, vocab 8192) with and without its cache.
 
-Each repeat runs every method once in turn (so load changes on a shared machine hit all of them
-alike); the table shows the median tokens/s and the median of the per-repeat ratios, with their
-quartiles from 4 repeats up. Appends a dated section to BENCHMARKS.md under (c) and refreshes its
-summary row (``--no-write`` to only print). Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s
-growing with the batch.
+After a warm-up call of each method (and of pocketgpt's cached path, as many as its decoder
+needs to compile its kernel: the steady state), each repeat runs every method once in turn (so
+load changes on a shared machine hit all of them alike); the table shows the median tokens/s
+and the median of the per-repeat ratios, with their quartiles from 4 repeats up. Appends a dated
+section to BENCHMARKS.md under (c) and refreshes its summary row (``--no-write`` to only print).
+Target (issue 4): at batch 1, at least 5x transformers' cached ``generate``; tokens/s growing
+with the batch.
 """
 
 from __future__ import annotations
