@@ -442,14 +442,16 @@ def test_generate_reuses_its_decoder_and_leaves_no_state_behind():
             kept.prefill(prompt[:1])
 
 
-def test_a_model_that_generated_can_be_copied_and_pickled():
+def test_a_model_that_generated_can_be_copied_and_pickled(monkeypatch):
     import copy
     import pickle
 
+    monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 0)  # a compiled kernel cannot be copied
     torch.manual_seed(5)
     m = GPTMini(CFG).eval()
     prompt = torch.randint(0, CFG.vocab_size, (1, 6))
     out = generate(m, prompt, SamplingConfig(max_new_tokens=8))  # leaves a decoder on m
+    assert isinstance(m.__dict__["_pocketgpt_decoders"][1].kernel, torch.jit.ScriptModule)
     for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         assert not twin.__dict__["_pocketgpt_decoders"]  # the copy builds its own
         assert torch.equal(generate(twin, prompt, SamplingConfig(max_new_tokens=8)), out)
