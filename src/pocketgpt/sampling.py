@@ -212,15 +212,15 @@ class KVDecoder:
         self.n_heads, self.d_model, self.max_len = cfg.n_heads, cfg.d_model, cfg.max_len
         self.head_size = cfg.d_model // cfg.n_heads
         self.eps = model.ln_f.eps
-        self.weights = _decode_weights(model)
-        self.tok_emb, self.pos_emb, self.layers, self.ln_f, self.head = self.weights
+        w = self.weights = _decode_weights(model)
+        self.tok_emb, self.pos_emb, self.layers = w.tok_emb, w.pos_emb, w.layers  # for prefill
         # The output layer reads 4 MB of weights a step at the default shape. x @ (C, V) runs as
         # a matrix-vector product at one row, the fastest there; from 4 rows up that path is 2x
         # slower than (V, C) @ x.T on a cold cache (BENCHMARKS.md, section (c)).
         head_rows = model.lm_head.weight.detach() if batch_size >= 4 else None  # (V, C)
         self.kernel = StepKernel(
-            self.tok_emb, self.pos_emb, [list(layer) for layer in self.layers], *self.ln_f,
-            self.head, head_rows, batch_size, self.n_heads, self.eps,
+            w.tok_emb, w.pos_emb, [list(layer) for layer in w.layers], *w.ln_f, w.head,
+            head_rows, batch_size, self.n_heads, self.eps,
         )  # fmt: skip
         self.kv, self.mask = self.kernel.kv, self.kernel.mask  # prefill fills them
         self.run_step = self.kernel.forward  # called directly: skips nn.Module's call hooks
