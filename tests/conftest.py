@@ -1,15 +1,19 @@
-"""Shared fixtures: real Hydra composition of conf/train.yaml with small overrides."""
+"""Shared fixtures and helpers: real Hydra composition of the packaged configs with small
+overrides, tiny settings, and subprocess runs of the real commands."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from pocketgpt.config import register_configs
-from pocketgpt.train import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +37,66 @@ TINY = [
 ]
 
 
+def compose(name: str = "train", *overrides: str):
+    """The real composed DictConfig of ``name`` (as ``pocketgpt-train`` composes it)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("pocketgpt.conf", version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def compose_cfg():
-    """compose_cfg(*overrides) -> the real composed DictConfig (as `python -m pocketgpt.train`)."""
-    register_configs()
+    """compose_cfg(*overrides, name="train") -> compose(name, *overrides)."""
 
     def _compose(*overrides: str, name: str = "train"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
+        return compose(name, *overrides)
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose
+
+
+def sweep_overrides(**changes: str) -> list[str]:
+    """TINY, made cheaper for subprocess jobs: 2 steps, bigger batches (fewer test batches)."""
+    base = dict(o.split("=", 1) for o in TINY)
+    base.update(
+        {
+            "trainer.batch_size": "32",
+            "trainer.max_steps": "2",
+            "trainer.eval_interval": "2",
+            "trainer.log_interval": "1",
+            "trainer.threads": "1",
+            "tracking.log_model": "false",
+            "tracking.experiment_name": "sweeps",
+        }
+    )
+    base.update(changes)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One tokenizer/corpus cache for every subprocess test in the session."""
+    path = tmp_path_factory.getbasetemp() / "pocketgpt-shared-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def run_multirun(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """``pocketgpt-train -m ARGS`` in a fresh process, with the default store under ``cwd``."""
+    env = {**os.environ, "POCKETGPT_CACHE_DIR": str(cache)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pocketgpt.train", "-m", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture

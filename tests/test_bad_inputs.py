@@ -70,7 +70,7 @@ CATALOGUE = [
     ),
     ("vocab", lambda t: ["tokenizer.vocab_size=10"], 2, "use at least 260"),
     ("heads", lambda t: ["model.n_heads=3"], 2, "not divisible by model.n_heads=3"),
-    ("device", lambda t: ["trainer.device=tpu"], 2, "trainer.device='tpu' is not one of"),
+    ("device", lambda t: ["trainer.device=tpu"], 1, "expected one of [auto, cpu, cuda, mps]"),
     *[
         (
             f"tokenizer-{k}",

@@ -1,29 +1,20 @@
-"""`python -m pocketgpt.compare` on a real store that a real 3-job sweep wrote."""
+"""`pocketgpt-compare` on a real store that a real 3-job sweep wrote."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pocketgpt.compare import compare, main
+from pocketgpt.cli.compare import main
 from pocketgpt.config import TrackingConfig
-from pocketgpt.tracking import Tracker
+from pocketgpt.tracking.compare import compare
+from pocketgpt.tracking.run import Tracker
 
-from .test_sweep import run_multirun, sweep_overrides
+from .conftest import run_multirun, sweep_overrides
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "sweeps"
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """The same folder as test_sweep's: the tokenizer trains once per session."""
-    path = tmp_path_factory.getbasetemp() / "pocketgpt-shared-cache"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -52,10 +54,53 @@ def test_wrong_type_fails_at_composition(compose_cfg):
         ("model.dropout=1.0", "model.dropout=1.0"),
         ("trainer.batch_size=0", "trainer.batch_size=0"),
         ("tokenizer.vocab_size=100", "tokenizer.vocab_size=100"),
-        ("trainer.precision=fp8", "trainer.precision='fp8'"),
-        ("trainer.device=tpu", "trainer.device='tpu'"),
+        ("trainer.compile=maybe", "trainer.compile='maybe'"),
+        ("optim.betas=[0.9]", "must be two numbers"),
+        ("tracking.register_as=a@v1", "looks like a version"),
     ],
 )
 def test_cross_field_checks(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         validate(to_obj(compose_cfg(override)))
+
+
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("trainer.precision=fp8", "auto, fp32, bf16, fp16"),
+        ("trainer.device=tpu", "auto, cpu, cuda, mps"),
+        ("tokenizer.kind=wordpiece", "bpe, hf_bpe, hf_file"),
+        ("optim.name=adam", "adamw, sgd"),
+        ("data.source=web", "wikitext2_mini, wikitext2, files"),
+    ],
+)
+def test_a_value_outside_its_enum_fails_at_composition(compose_cfg, override, allowed):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(override)
+    assert f"expected one of [{allowed}]" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("value", ["true", "false", "auto", "True"])
+def test_compile_takes_booleans_and_auto(compose_cfg, value):
+    assert to_obj(compose_cfg(f"trainer.compile={value}")).trainer.compile == value.lower()
+
+
+def test_presets_hold_only_what_differs_from_the_schema():
+    """Every default lives in config.py: a group file that restates one is a second source."""
+    import dataclasses
+
+    import yaml
+
+    from pocketgpt import config
+
+    conf = Path(config.__file__).parent / "conf"
+    schemas = {
+        f.name: f.default_factory()
+        for f in dataclasses.fields(config.TrainConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
+    for group, schema in schemas.items():
+        for preset in (conf / group).glob("*.yaml"):
+            values = yaml.safe_load(preset.read_text()) or {}
+            same = [k for k, v in values.items() if getattr(schema, k) == v]
+            assert not same, f"{preset.name} restates the default of {group}.{same}"

@@ -17,29 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from pocketgpt.config import register_configs
-from pocketgpt.loading import ModelURIError, load, model_files, resolve
+from pocketgpt.errors import ModelURIError
+from pocketgpt.loading import load
+from pocketgpt.model_io import model_files
+from pocketgpt.tracking.registry import resolve
 from pocketgpt.model_io import ModelFileError
 from pocketgpt.sampling import SamplingConfig, generate_text
-from pocketgpt.train import config_dir, train
+from pocketgpt.train import train
 
-from .conftest import TINY
+from .conftest import TINY, compose
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The meaning of life is", "Once upon a time"]
-
-
-def _compose(name: str, *overrides: str):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +57,8 @@ def trained(tmp_path_factory):
         f"tracking.uri={store}",
         f"cache_dir={tmp / 'cache'}",
     ]
-    train(_compose("train", *common, "tracking.run_name=first", "trainer.max_steps=2"))
-    train(_compose("train", *common, "tracking.run_name=second", "tracking.register_as=tiny@best"))
+    train(compose("train", *common, "tracking.run_name=first", "trainer.max_steps=2"))
+    train(compose("train", *common, "tracking.run_name=second", "tracking.register_as=tiny@best"))
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("pocketgpt")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
@@ -98,11 +90,11 @@ def test_logged_model_is_linked_to_its_run_and_never_pickled(trained):
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert {
         "MLmodel",
-        "mlflow_entry.py",
+        "pyfunc_entry.py",
         "artifacts/model.safetensors",
         "artifacts/model_config.json",
         "artifacts/tokenizer.json",
-        "code/pocketgpt/mlflow_model.py",
+        "code/pocketgpt/tracking/pyfunc.py",
         "requirements.txt",
         "serving_input_example.json",
     } <= names
@@ -142,7 +134,7 @@ def test_every_uri_form_loads_the_same_model(trained):
 
 
 def test_best_picks_by_metric_and_mode(trained, monkeypatch):
-    from pocketgpt.loading import best_model_uri
+    from pocketgpt.tracking.registry import best_model_uri
 
     client, store = trained["client"], trained["store"]
     runs = client.search_runs([trained["run"].info.experiment_id])
@@ -267,10 +259,11 @@ def test_mlflow_models_serve_answers_invocations(trained, tmp_path):
 def test_generate_command_config_and_best_run(trained, capsys):
     from omegaconf import OmegaConf
 
-    from pocketgpt.generate import GenerateConfig, register_configs, run
+    from pocketgpt.cli.generate import run
+    from pocketgpt.config import GenerateConfig, register_configs
 
     register_configs()
-    dcfg = _compose(
+    dcfg = compose(
         "generate", "model_uri=best:pocketgpt", f"tracking_uri={trained['store']}", "stream=true"
     )
     cfg: GenerateConfig = OmegaConf.to_object(dcfg)

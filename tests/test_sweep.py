@@ -7,9 +7,6 @@ tokenizer trains once.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pocketgpt.config import ConfigError, TrackingConfig
-from pocketgpt.sweep import (
+from pocketgpt.tracking.run import Tracker
+from pocketgpt.tracking.store import RetryingClient
+from pocketgpt.tracking.sweep import (
     PARENT_FILE,
     SweepParent,
     children,
@@ -26,49 +25,8 @@ from pocketgpt.sweep import (
     record_failed_job,
     sweep_keys,
 )
-from pocketgpt.tracking import RetryingClient, Tracker
 
-from .conftest import TINY
-
-
-def sweep_overrides(**changes: str) -> list[str]:
-    """TINY, made cheaper for subprocess jobs: 2 steps, bigger batches (fewer test batches)."""
-    base = dict(o.split("=", 1) for o in TINY)
-    base.update(
-        {
-            "trainer.batch_size": "32",
-            "trainer.max_steps": "2",
-            "trainer.eval_interval": "2",
-            "trainer.log_interval": "1",
-            "trainer.threads": "1",
-            "tracking.log_model": "false",
-            "tracking.experiment_name": "sweeps",
-        }
-    )
-    base.update(changes)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """One tokenizer/corpus cache for every sweep test in the session (test_compare uses it too)."""
-    path = tmp_path_factory.getbasetemp() / "pocketgpt-shared-cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def run_multirun(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POCKETGPT_CACHE_DIR": str(cache)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pocketgpt.train", "-m", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from .conftest import run_multirun, sweep_overrides
 
 
 def load_sweep(cwd: Path, experiment: str = "sweeps"):

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 
 from pocketgpt.atomic import atomic_path, atomic_write_text
+from pocketgpt.errors import CheckpointError
 
 FORMAT = "pocketgpt-checkpoint"
 VERSION = 1
 PATTERN = re.compile(r"^ckpt-(\d{7})\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, foreign or from another config."""
 
 
 def checkpoint_name(step: int) -> str:

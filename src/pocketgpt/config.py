@@ -1,28 +1,103 @@
-"""Typed configuration: one dataclass per Hydra config group, registered with the ConfigStore.
+"""Typed configuration: every default pocketgpt has, in one place.
 
-The YAML files in ``conf/`` fill these schemas in, so an unknown key or a wrong type fails at
-composition with Hydra's own message. ``validate`` adds the cross-field checks that a schema
-cannot express, and runs before any work starts.
+One dataclass per Hydra config group (the group's YAML presets in ``pocketgpt/conf`` hold only
+what makes them different), registered with Hydra's ConfigStore, so an unknown key, a wrong
+type or a value outside an Enum fails at composition with Hydra's message. Each dataclass checks
+its own ranges in ``__post_init__`` (it runs when ``OmegaConf.to_object`` builds it); the checks
+that span groups live in ``validate``. Every failed check raises ``ConfigError`` naming the value
+and the fix.
+
+Importing this module imports no torch and no Hydra: the model and the tokenizer use it too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pocketgpt.errors import ConfigError, SamplingError
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the value and the fix."""
+# --------------------------------------------------------------------------- allowed values
+
+
+class TokenizerKind(StrEnum):
+    bpe = "bpe"  # ours (pocketgpt.tokenizer.BPETokenizer), trained on the train split
+    hf_bpe = "hf_bpe"  # Hugging Face `tokenizers`, trained with the same settings
+    hf_file = "hf_file"  # a ready tokenizer.json at tokenizer.path
+
+
+class Pattern(StrEnum):
+    gpt2 = "gpt2"
+    gpt4 = "gpt4"
+
+
+class DataSource(StrEnum):
+    wikitext2_mini = "wikitext2_mini"  # embedded in the package, offline
+    wikitext2 = "wikitext2"  # the Hugging Face Hub
+    files = "files"  # local text or parquet files
+
+
+class OptimizerName(StrEnum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    constant = "constant"  # linear warm-up, then constant
+
+
+class Device(StrEnum):
+    auto = "auto"  # cuda, else mps, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 on CUDA where supported, else fp16 there; fp32 on CPU and MPS
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # adds a gradient scaler
+
+
+class Compile(StrEnum):
+    auto = "auto"  # on CUDA only: on the CPU it measured slower (BENCHMARKS.md)
+    true = "true"
+    false = "false"
+
+
+class OnNonFinite(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+class Mode(StrEnum):
+    min = "min"  # lower is better
+    max = "max"
+
+
+def _positive(**values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+
+
+# --------------------------------------------------------------------------- groups
 
 
 @dataclass
 class ModelConfig:
-    """GPTMini's shape. ``vocab_size`` comes from the tokenizer at run time."""
+    """GPTMini's shape; the one config class of the model (``GPTMini(ModelConfig(...))``).
 
+    ``vocab_size`` is the tokenizer's: training fills it in, and a logged model stores it.
+    """
+
+    vocab_size: int | None = None
     d_model: int = 128
     n_heads: int = 4
     d_ff: int = 512
@@ -31,32 +106,61 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
 
+    def __post_init__(self) -> None:
+        _positive(
+            **{
+                "model.d_model": self.d_model,
+                "model.n_heads": self.n_heads,
+                "model.d_ff": self.d_ff,
+                "model.num_layers": self.num_layers,
+                "model.max_len": self.max_len,
+            }
+        )
+        if self.vocab_size is not None:
+            _positive(**{"model.vocab_size": self.vocab_size})
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"pick n_heads among the divisors of d_model"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass
 class TokenizerConfig:
-    """Which tokenizer, and how it is trained.
+    """Which tokenizer, and how it is trained."""
 
-    kind: ``bpe`` (ours), ``hf_bpe`` (Hugging Face ``tokenizers``, trained) or ``hf_file``
-    (a ready ``tokenizer.json`` at ``path``).
-    """
-
-    kind: str = "bpe"
+    kind: TokenizerKind = TokenizerKind.bpe
     vocab_size: int = 8192
-    pattern: str = "gpt2"  # pre-tokenization regex: gpt2 | gpt4
+    pattern: Pattern = Pattern.gpt2  # pre-tokenization regex
     path: str | None = None  # hf_file: a tokenizer.json; bpe: a saved pocketgpt tokenizer to reuse
     special_tokens: list[str] = field(default_factory=lambda: ["<unk>", "<pad>", "<bos>", "<eos>"])
+
+    def __post_init__(self) -> None:
+        n_special = len(self.special_tokens)
+        if self.kind != TokenizerKind.hf_file and self.vocab_size < 256 + n_special:
+            raise ConfigError(
+                f"tokenizer.vocab_size={self.vocab_size} is smaller than the 256 byte tokens plus "
+                f"{n_special} special tokens; use at least {256 + n_special}"
+            )
+        if self.kind == TokenizerKind.hf_file and not self.path:
+            raise ConfigError("tokenizer=hf_file needs tokenizer.path=/path/to/tokenizer.json")
 
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is cut into training windows.
+    """Where the text comes from and how it is cut into training windows."""
 
-    source: ``wikitext2_mini`` (embedded, offline), ``wikitext2`` (the Hugging Face Hub) or
-    ``files`` (local text or parquet files, one path or glob per split).
-    """
-
-    source: str = "wikitext2_mini"
-    train: str | None = None
+    source: DataSource = DataSource.wikitext2_mini
+    train: str | None = None  # files: one path or glob per split
     validation: str | None = None
     test: str | None = None
     text_column: str = "text"  # parquet files: which column holds the text
@@ -65,12 +169,21 @@ class DataConfig:
     block_size: int = 128  # tokens of context per training window
     stride: int | None = None  # distance between window starts; null = block_size (no overlap)
 
+    def __post_init__(self) -> None:
+        _positive(**{"data.block_size": self.block_size})
+        if self.stride is not None and self.stride <= 0:
+            raise ConfigError(
+                f"data.stride={self.stride} must be positive (or null for block_size)"
+            )
+        if self.source == DataSource.files and not self.train:
+            raise ConfigError("data=files needs data.train=PATH (and data.validation, data.test)")
+
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (linear warm-up, then cosine decay)."""
+    """Optimizer and learning-rate schedule."""
 
-    name: str = "adamw"  # adamw | sgd
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-3  # measured best at the default shape: BENCHMARKS.md (e)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -79,18 +192,32 @@ class OptimConfig:
     nesterov: bool = True  # sgd only
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = Schedule.cosine
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr={self.lr} must be a positive number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
 
 
 @dataclass
 class TrainerConfig:
-    """The training loop: device, precision, budget, batching, evaluation."""
+    """The training loop: device, precision, budget, batching, evaluation, checkpoints."""
 
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    compile: str = "auto"  # auto | true | false
+    device: Device = Device.auto
+    precision: Precision = Precision.auto  # autocast; fp16 adds a GradScaler
+    # auto | true | false. A string, not a Compile field: Hydra reads `trainer.compile=true`
+    # as a bool, which an Enum field would refuse; __post_init__ turns it into a Compile.
+    compile: str = "auto"
     epochs: int = 1000  # an upper bound; max_steps and max_time usually stop first
-    max_steps: int = 1000
+    max_steps: int = 600
     max_time: float | None = None  # seconds of training before a final evaluation; null = no limit
     batch_size: int = 16
     grad_accum: int = 1
@@ -107,10 +234,40 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (and in MLflow)
     checkpoint_to_mlflow: bool = False  # also copy each checkpoint into the run's artifacts
     resume: str | None = None  # auto | a checkpoint file or folder | an MLflow run id
-    on_nonfinite: str = "fail"  # fail | skip: what a NaN/inf loss does
+    on_nonfinite: OnNonFinite = OnNonFinite.fail  # what a NaN/inf loss does
     sample_tokens: int = 40  # length of the greedy sample printed at the end
     sample_prompt: str = "The meaning of life is"
     progress: bool = True  # a tqdm progress bar on stderr
+
+    def __post_init__(self) -> None:
+        value = str(self.compile).lower()
+        if value not in Compile.__members__:
+            raise ConfigError(f"trainer.compile={self.compile!r} is not one of auto, true, false")
+        self.compile = Compile(value)
+        _positive(
+            **{
+                "trainer.batch_size": self.batch_size,
+                "trainer.grad_accum": self.grad_accum,
+                "trainer.epochs": self.epochs,
+                "trainer.max_steps": self.max_steps,
+                "trainer.eval_interval": self.eval_interval,
+                "trainer.log_interval": self.log_interval,
+            }
+        )
+        if self.grad_clip < 0:
+            raise ConfigError(
+                f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)"
+            )
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(f"trainer.max_time={self.max_time} must be positive seconds, or null")
+        for key in ("patience", "checkpoint_interval", "eval_max_batches", "threads"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"trainer.{key}={value} must be positive, or null")
+        if self.keep_checkpoints <= 0:
+            raise ConfigError(
+                f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1"
+            )
 
 
 @dataclass
@@ -120,131 +277,14 @@ class TrackingConfig:
     uri: str | None = None
     experiment_name: str = "pocketgpt"
     run_name: str | None = None
-    log_model: bool = True
+    log_model: bool = True  # log the final model as an MLflow Model (pyfunc), linked to the run
     register_as: str | None = None  # NAME or NAME@ALIAS: register the final model as a version
 
-
-@dataclass
-class TrainConfig:
-    """The whole training job, as composed by ``conf/train.yaml``."""
-
-    model: ModelConfig = MISSING
-    tokenizer: TokenizerConfig = MISSING
-    data: DataConfig = MISSING
-    optim: OptimConfig = MISSING
-    trainer: TrainerConfig = MISSING
-    tracking: TrackingConfig = MISSING
-    cache_dir: str = ".cache/pocketgpt"  # tokenized corpora and trained tokenizers
-
-
-def register_configs(cs: ConfigStore | None = None) -> None:
-    """Register every schema so YAML files can extend them (``defaults: [base_*]``)."""
-    cs = cs or ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="tokenizer", name="base_tokenizer", node=TokenizerConfig)
-    cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optim", name="base_optim", node=OptimConfig)
-    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
-    cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "tokenizer.kind": ("bpe", "hf_bpe", "hf_file"),
-    "tokenizer.pattern": ("gpt2", "gpt4"),
-    "data.source": ("wikitext2_mini", "wikitext2", "files"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("cosine", "constant"),
-    "trainer.device": ("auto", "cpu", "cuda", "mps"),
-    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
-    "trainer.compile": ("auto", "true", "false"),
-    "trainer.on_nonfinite": ("fail", "skip"),
-}
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Cross-field and range checks; raises ConfigError naming the value and the fix."""
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if str(value).lower() not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-    m, t, d, o, tr = cfg.model, cfg.tokenizer, cfg.data, cfg.optim, cfg.trainer
-    positive = {
-        "model.d_model": m.d_model,
-        "model.n_heads": m.n_heads,
-        "model.d_ff": m.d_ff,
-        "model.num_layers": m.num_layers,
-        "model.max_len": m.max_len,
-        "data.block_size": d.block_size,
-        "trainer.batch_size": tr.batch_size,
-        "trainer.grad_accum": tr.grad_accum,
-        "trainer.epochs": tr.epochs,
-        "trainer.max_steps": tr.max_steps,
-        "trainer.eval_interval": tr.eval_interval,
-        "trainer.log_interval": tr.log_interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    if m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-            f"pick n_heads among the divisors of d_model"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if d.block_size > m.max_len:
-        raise ConfigError(
-            f"data.block_size={d.block_size} is longer than model.max_len={m.max_len}; "
-            f"lower data.block_size or raise model.max_len"
-        )
-    if d.stride is not None and d.stride <= 0:
-        raise ConfigError(f"data.stride={d.stride} must be positive (or null for block_size)")
-    if d.source == "files" and not d.train:
-        raise ConfigError("data=files needs data.train=PATH (and data.validation, data.test)")
-    n_special = len(t.special_tokens)
-    if t.kind != "hf_file" and t.vocab_size < 256 + n_special:
-        raise ConfigError(
-            f"tokenizer.vocab_size={t.vocab_size} is smaller than the 256 byte tokens plus "
-            f"{n_special} special tokens; use at least {256 + n_special}"
-        )
-    if t.kind == "hf_file" and not t.path:
-        raise ConfigError("tokenizer=hf_file needs tokenizer.path=/path/to/tokenizer.json")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"optim.lr={o.lr} must be a positive number")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
-    if tr.grad_clip < 0:
-        raise ConfigError(f"trainer.grad_clip={tr.grad_clip} must be >= 0 (0 disables clipping)")
-    if tr.max_time is not None and tr.max_time <= 0:
-        raise ConfigError(f"trainer.max_time={tr.max_time} must be positive seconds, or null")
-    if tr.patience is not None and tr.patience <= 0:
-        raise ConfigError(f"trainer.patience={tr.patience} must be positive, or null for off")
-    if tr.checkpoint_interval is not None and tr.checkpoint_interval <= 0:
-        raise ConfigError(
-            f"trainer.checkpoint_interval={tr.checkpoint_interval} must be positive, or null"
-        )
-    if tr.keep_checkpoints <= 0:
-        raise ConfigError(f"trainer.keep_checkpoints={tr.keep_checkpoints} must be at least 1")
-    if tr.eval_max_batches is not None and tr.eval_max_batches <= 0:
-        raise ConfigError(f"trainer.eval_max_batches={tr.eval_max_batches} must be positive")
-    reg = cfg.tracking.register_as
-    if reg is not None:
-        if not cfg.tracking.log_model:
+    def __post_init__(self) -> None:
+        reg = self.register_as
+        if reg is None:
+            return
+        if not self.log_model:
             raise ConfigError(
                 f"tracking.register_as={reg!r} needs tracking.log_model=true (nothing to register)"
             )
@@ -256,3 +296,107 @@ def validate(cfg: TrainConfig) -> None:
                 f"tracking.register_as={reg!r}: alias {alias!r} looks like a version; pick "
                 "another alias, e.g. best"
             )
+
+
+@dataclass
+class TrainConfig:
+    """The whole training job, as composed by ``conf/train.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # tokenized corpora and trained tokenizers
+    cache_dir: str = "${oc.env:POCKETGPT_CACHE_DIR,.cache/pocketgpt}"
+
+
+def validate(cfg: TrainConfig) -> None:
+    """The checks that span groups (each group checks itself when built)."""
+    m, d = cfg.model, cfg.data
+    if d.block_size > m.max_len:
+        raise ConfigError(
+            f"data.block_size={d.block_size} is longer than model.max_len={m.max_len}; "
+            f"lower data.block_size or raise model.max_len"
+        )
+    if m.vocab_size is not None and m.vocab_size != cfg.tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} differs from tokenizer.vocab_size="
+            f"{cfg.tokenizer.vocab_size}; leave model.vocab_size null (it is the tokenizer's)"
+        )
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class SamplingConfig:
+    """How text is generated; the generate command, the pyfunc model's params and
+    ``pocketgpt.sampling.generate`` all take these fields."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.0  # 0 = greedy (argmax); top_k and top_p then do nothing
+    top_k: int | None = None  # keep the k most likely tokens; None or 0 = off
+    top_p: float | None = None  # keep the smallest set reaching probability p; None or 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    seed: int | None = None  # a private RNG for reproducible sampling; None = torch's global RNG
+    stop_at_eos: bool = True
+    slide: int = 1  # how far the window moves when the context is full (pocketgpt.sampling)
+    use_cache: bool = True  # False: re-run the whole window every step (a reference, and slower)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, max_len: int | None = None) -> None:
+        """Raise SamplingError naming the first bad setting and the fix; ``max_len`` (the
+        model's context) also bounds ``slide``."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise SamplingError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise SamplingError(f"top_k={self.top_k} must be >= 0 (0 or null = off)")
+        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
+            raise SamplingError(f"top_p={self.top_p} must be in [0, 1] (1 or null = off)")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise SamplingError(
+                f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, >1 penalizes)"
+            )
+        if self.slide < 1 or (max_len is not None and self.slide > max_len):
+            bound = f"model max_len={max_len}" if max_len is not None else "the model's max_len"
+            raise SamplingError(f"slide={self.slide} must be between 1 and {bound}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SamplingConfig:
+        """The sampling fields of any object that has them (e.g. a GenerateConfig)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    """The generate command: the sampling settings plus where the model comes from."""
+
+    # runs:/RUN_ID/model | models:/NAME/VERSION | models:/NAME@ALIAS | models:/m-ID | m-ID |
+    # best:EXPERIMENT | a local folder
+    model_uri: str = MISSING
+    prompt: str = "The meaning of life is"
+    prompts: list[str] = field(default_factory=list)  # a batch; when given, replaces prompt
+    metric: str = "val_bpb"  # best:EXPERIMENT ranks the experiment's finished runs by this
+    mode: Mode = Mode.min  # whether a lower or higher metric is better
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else ./mlruns
+    device: Device = Device.cpu
+    # torch intra-op threads. 1: a model this small decodes fastest on one thread (its ops are
+    # too small to split, and on a busy machine extra threads wait on each other; see
+    # BENCHMARKS.md); null = torch's default.
+    threads: int | None = 1
+    stream: bool = True  # print a single prompt's tokens as they come
+
+
+def register_configs() -> None:
+    """Register the schemas the YAML files extend (``defaults: [train_schema]``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)

@@ -22,13 +22,10 @@ import torch
 
 from pocketgpt.atomic import atomic_path
 from pocketgpt.config import DataConfig
+from pocketgpt.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 CACHE_FORMAT = 1  # bump when the cached token layout changes
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Saving and loading GPTMini weights: safetensors plus a JSON model config, no pickle."""
+"""A model folder on disk: GPTMini's weights (safetensors) and config (JSON), no pickle.
+
+``save_model``/``load_model`` write and read ``model.safetensors`` + ``model_config.json``;
+``model_files`` finds them, and the tokenizer, in a plain folder or in an MLflow model folder
+(whose ``MLmodel`` names them).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketgpt.atomic import atomic_path, atomic_write_text
+from pocketgpt.errors import ModelFileError
 from pocketgpt.model import GPTConfig, GPTMini
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
-
-
-class ModelFileError(ValueError):
-    """A model folder that is missing, truncated or not a GPTMini; names the file and the fix."""
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def save_model(model: GPTMini, directory: str | os.PathLike) -> Path:
@@ -67,3 +70,53 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).splitlines()[0]
         raise ModelFileError(f"{weights_path} does not match {config_path}: {first}") from None
     return model.to(device)
+
+
+def mlmodel_artifacts(mlmodel: Path) -> dict[str, str] | None:
+    """MLmodel (read as YAML data) -> {weights|config|tokenizer: path in the model folder}."""
+    import yaml
+
+    try:
+        arts = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]["artifacts"]
+        paths = {k: str(arts[k]["path"]) for k in ("weights", "config", "tokenizer")}
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    for p in paths.values():
+        if Path(p).is_absolute() or ".." in Path(p).parts:
+            raise ModelFileError(f"{mlmodel} names {p!r}, outside the model folder; refusing it")
+    return paths
+
+
+def model_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """-> (folder with model.safetensors + model_config.json, tokenizer file) of a model folder.
+
+    An MLflow model folder names its files in MLmodel (python_function.artifacts); a plain one
+    holds the three files itself.
+    """
+    folder = Path(folder)
+    mlmodel = folder / "MLmodel"
+    if mlmodel.is_file():
+        arts = mlmodel_artifacts(mlmodel)
+        if arts is None:
+            raise ModelFileError(
+                f"{mlmodel} is not a pocketgpt model (its python_function flavour names no "
+                "weights, config and tokenizer artifacts); was it logged by pocketgpt?"
+            )
+        paths = {k: folder / rel for k, rel in arts.items()}
+        if paths["weights"].parent != paths["config"].parent:
+            raise ModelFileError(f"{mlmodel}: weights and config must sit in the same folder")
+        for p in paths.values():
+            if not p.is_file():
+                raise ModelFileError(f"{p} is missing from the logged model; re-log the model")
+        return paths["weights"].parent, paths["tokenizer"]
+    if (folder / WEIGHTS_FILE).is_file() or (folder / CONFIG_FILE).is_file():
+        tokenizer = folder / TOKENIZER_FILE
+        if not tokenizer.is_file():
+            raise ModelFileError(
+                f"{tokenizer} is missing; put the run's tokenizer.json beside the weights"
+            )
+        return folder, tokenizer
+    raise ModelFileError(
+        f"{folder} holds no pocketgpt model (no MLmodel, no {WEIGHTS_FILE}); expected a logged "
+        f"model folder or {WEIGHTS_FILE} + {CONFIG_FILE} + {TOKENIZER_FILE}"
+    )

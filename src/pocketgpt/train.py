@@ -1,18 +1,18 @@
-"""Training entry point: ``python -m pocketgpt.train [overrides]`` or ``pocketgpt-train``.
+"""One training job, from a composed config to a finished MLflow run.
 
-Composes ``conf/train.yaml``, builds the pieces, trains, and records everything in one MLflow
-run. Returns the final validation loss, which Hydra sweepers minimize.
+``train(cfg)`` builds the pieces (corpus, tokenizer, model, trainer, tracker) and runs them,
+recording everything in one MLflow run; it returns the final validation loss, which Hydra
+sweepers minimize. The command line (``pocketgpt-train``, ``python -m pocketgpt.train``) is
+``pocketgpt.cli.train``.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
@@ -23,18 +23,10 @@ from pocketgpt.checkpoint import (
     list_checkpoints,
     load_checkpoint,
 )
-from pocketgpt.config import ConfigError, TrainConfig, register_configs, validate
-from pocketgpt.data import DataError
+from pocketgpt.config import TrainConfig, validate
 
 
-def config_dir() -> str:
-    """The Hydra config folder: $POCKETGPT_CONFIG_DIR, else the checkout's ``conf/``."""
-    if os.environ.get("POCKETGPT_CONFIG_DIR"):
-        return os.path.abspath(os.environ["POCKETGPT_CONFIG_DIR"])
-    return str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def _hydra_context() -> dict:
+def hydra_context() -> dict:
     """What Hydra knows of this job: overrides, output folder, multirun or not."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -54,22 +46,23 @@ def train(dcfg: DictConfig) -> float:
     import torch
 
     from pocketgpt.data import load_corpus, tokenize_corpus
-    from pocketgpt.model import GPTConfig, GPTMini
+    from pocketgpt.model import GPTMini
+    from pocketgpt.runtime import resolve_device
     from pocketgpt.sampling import SamplingConfig, generate
-    from pocketgpt.sweep import child_run_kwargs
     from pocketgpt.tokenizer import build_tokenizer
-    from pocketgpt.tracking import Tracker
-    from pocketgpt.trainer import Trainer, evaluate, resolve_device
+    from pocketgpt.tracking.run import Tracker
+    from pocketgpt.tracking.sweep import child_run_kwargs
+    from pocketgpt.trainer import Trainer, evaluate
 
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     validate(cfg)
-    hydra_ctx = _hydra_context()
+    hydra_ctx = hydra_context()
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
 
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
     cfg_hash = config_hash(resolved)
     tracker = Tracker(cfg.tracking)
     tracker.check_reachable()  # before any slow work: a server that is down fails at once
@@ -84,7 +77,7 @@ def train(dcfg: DictConfig) -> float:
     corpus = load_corpus(cfg.data, cfg.cache_dir)
     tokenizer, tokenizer_path = build_tokenizer(cfg.tokenizer, corpus.train, cfg.cache_dir)
     splits = tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
-    model_cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **vars(cfg.model))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     model = GPTMini(model_cfg).to(device)
 
     # A resumed run keeps writing beside the checkpoint it came from (where resume=auto will
@@ -176,7 +169,7 @@ def train(dcfg: DictConfig) -> float:
         logged = None
         if cfg.tracking.log_model:
             # An MLflow Model (pyfunc from code, safetensors weights) linked to this run.
-            from pocketgpt.mlflow_model import log_model
+            from pocketgpt.tracking.pyfunc import log_model
 
             logged = log_model(
                 tracker.client,
@@ -268,7 +261,7 @@ def _mlflow_checkpoint_copier(tracker, trainer_cfg):
 
 def _log_run_inputs(tracker, resolved: dict, hydra_ctx: dict, tokenizer_path: Path) -> None:
     """Params (the flattened config) and the input artifacts of a new run."""
-    from pocketgpt.tracking import flatten
+    from pocketgpt.tracking.run import flatten
 
     tracker.log_params(flatten(resolved))
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,47 +273,7 @@ def _log_run_inputs(tracker, resolved: dict, hydra_ctx: dict, tokenizer_path: Pa
     tracker.log_artifact(tokenizer_path, "tokenizer")
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says it all: shown as one line, without a traceback."""
-    from pocketgpt.model_io import ModelFileError
-    from pocketgpt.tokenizer import TokenizerError
-    from pocketgpt.tracking import TrackingError
-    from pocketgpt.trainer import NonFiniteLossError
-
-    return (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        TokenizerError,
-        TrackingError,
-        ModelFileError,
-        NonFiniteLossError,
-    )
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_main(dcfg: DictConfig) -> float:
-    from pocketgpt.trainer import TrainingInterrupted
-
-    try:
-        return train(dcfg)
-    except TrainingInterrupted as e:
-        print(
-            f"interrupted ({e}): checkpoint {e.checkpoint}; continue with trainer.resume=auto",
-            file=sys.stderr,
-        )
-        sys.exit(130)
-    except _known_errors() as e:
-        if _hydra_context()["multirun"] or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise  # a sweep records the failed job and goes on
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    register_configs()
-    _hydra_main()
-
-
 if __name__ == "__main__":
+    from pocketgpt.cli.train import main
+
     main()

@@ -24,6 +24,7 @@ from pocketgpt.checkpoint import (
 )
 from pocketgpt.config import ConfigError, OptimConfig, TrainerConfig
 from pocketgpt.data import TokenizedSplit, TokenWindows
+from pocketgpt.errors import NonFiniteLossError
 from pocketgpt.model import GPTMini
 
 LN2 = math.log(2)
@@ -247,10 +248,6 @@ class _GracefulStop:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
 
 @dataclass

@@ -13,11 +13,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pocketgpt.errors import TokenizerError
+
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<pad>", "<bos>", "<eos>")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file or setting that cannot be used; the message names the file and the problem."""
 
 
 class Tokenizer:
@@ -74,10 +72,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load any supported file (ours or a HF tokenizer.json); subclasses load their own."""
-        from .factory import load_tokenizer
-
-        return load_tokenizer(path)
+        """Load a file this class saved; ``pocketgpt.tokenizer.load_tokenizer`` loads any kind."""
+        raise NotImplementedError
 
     def _set_special_ids(self, lookup: dict[str, int]) -> None:
         self.unk_id = lookup.get("<unk>")

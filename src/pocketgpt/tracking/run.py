@@ -1,44 +1,20 @@
-"""MLflow tracking for one training run, through an explicit ``MlflowClient`` (no global run).
+"""One training run in MLflow, through an explicit client (no global active run).
 
-The default store is a SQLite database and an artifact folder, both in ``./mlruns``.
-``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) points elsewhere, a tracking server included.
+The store is ``pocketgpt.tracking.store``'s: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``,
+else SQLite in ``./mlruns``; a tracking server works the same way.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from pocketgpt.config import TrackingConfig
-
-DEFAULT_STORE_DIR = "mlruns"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or used; the message names the URI."""
-
-
-def resolve_tracking_uri(cfg: TrackingConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db."""
-    if cfg.uri:
-        return cfg.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    store = Path.cwd() / DEFAULT_STORE_DIR
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Keep a SQLite store's artifacts beside its database, not in a cwd-relative default."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.resolve().parent / "artifacts").as_uri()
-    return None
+from pocketgpt.errors import TrackingError
+from pocketgpt.tracking.store import artifact_location, make_client, tracking_uri
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -55,7 +31,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     """The commit and dirty flag of the source tree, when it is a git checkout."""
-    root = Path(cwd) if cwd else Path(__file__).resolve().parents[2]
+    root = Path(cwd) if cwd else Path(__file__).resolve().parent  # any folder of the checkout
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
@@ -77,55 +53,12 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     }
 
 
-def _is_locked(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "database is locked" in text or "database table is locked" in text
-
-
-class RetryingClient:
-    """An ``MlflowClient`` whose calls retry with jittered backoff while SQLite is locked.
-
-    Parallel sweep jobs (hydra/launcher=joblib) write to one SQLite file; SQLite answers
-    "database is locked" at once, without waiting, when two writers would deadlock. Every call
-    runs in one transaction that is rolled back on that error, so a retry is safe.
-    """
-
-    def __init__(self, client: Any, retries: int = 8, base_delay: float = 0.05):
-        self._client = client
-        self._retries = retries
-        self._base_delay = base_delay
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            for attempt in range(self._retries + 1):
-                try:
-                    return attr(*args, **kwargs)
-                except Exception as e:
-                    if attempt == self._retries or not _is_locked(e):
-                        raise
-                    time.sleep(self._base_delay * 2**attempt * (1.0 + random.random()))
-            raise AssertionError("unreachable")
-
-        return call
-
-
-def make_client(uri: str) -> Any:
-    """An MlflowClient for ``uri`` that rides out SQLite lock contention (see RetryingClient)."""
-    from mlflow.tracking import MlflowClient
-
-    return RetryingClient(MlflowClient(tracking_uri=uri))
-
-
 class Tracker:
     """One MLflow run: params, metrics, tags, artifacts, and a guaranteed final status."""
 
     def __init__(self, cfg: TrackingConfig):
         self.cfg = cfg
-        self.uri = resolve_tracking_uri(cfg)
+        self.uri = tracking_uri(cfg.uri)
         self.client = make_client(self.uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -141,7 +74,7 @@ class Tracker:
                     self.client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
             return self.client.create_experiment(
-                name, artifact_location=_artifact_location(self.uri)
+                name, artifact_location=artifact_location(self.uri)
             )
         except MlflowException as e:
             if "already exists" in str(e):  # another job of a parallel sweep created it first

@@ -7,6 +7,6 @@ build the pyfunc object instead of unpickling one; the weights then load from sa
 
 from mlflow.models import set_model
 
-from pocketgpt.mlflow_model import PocketGPTModel
+from pocketgpt.tracking.pyfunc import PocketGPTModel
 
 set_model(PocketGPTModel())

@@ -5,7 +5,7 @@ LoggedModel linked to the run, carrying the run's params and final metrics, so
 ``runs:/RUN_ID/model`` and ``models:/m-ID`` both reach it. Its folder:
 
     MLmodel                        pyfunc flavour, signature (prompt -> text, sampling params)
-    mlflow_entry.py                models-from-code: MLflow runs it instead of unpickling
+    pyfunc_entry.py                models-from-code: MLflow runs it instead of unpickling
     artifacts/model.safetensors    weights (safetensors: loading runs no code)
     artifacts/model_config.json    GPTConfig
     artifacts/tokenizer.json       tokenizer
@@ -23,6 +23,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,43 +32,46 @@ import mlflow.pyfunc
 import pandas as pd
 
 from pocketgpt import __version__
-from pocketgpt.loading import TOKENIZER_FILE, quiet_artifact_progress
+from pocketgpt.config import SamplingConfig
+from pocketgpt.errors import SamplingError
 from pocketgpt.model import GPTMini
-from pocketgpt.model_io import CONFIG_FILE, WEIGHTS_FILE, save_model
-from pocketgpt.sampling import SamplingConfig, SamplingError, check_sampling, generate_text
+from pocketgpt.model_io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_model
+from pocketgpt.sampling import generate_text
+from pocketgpt.tracking.registry import register, split_register_as
+from pocketgpt.tracking.store import quiet_artifact_progress
 
 LOGGED_MODEL_NAME = "model"
-ENTRY_FILE = Path(__file__).with_name("mlflow_entry.py")
-# Sampling settings a caller may pass as params, with their MLflow types; None = SamplingConfig's
-# default, which may itself be None (top_k, top_p, seed: off).
-PARAM_TYPES = {
-    "max_new_tokens": "long",
-    "temperature": "double",
-    "top_k": "long",
-    "top_p": "double",
-    "repetition_penalty": "double",
-    "seed": "long",
-    "stop_at_eos": "boolean",
-}
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
+_MLFLOW_TYPES = {int: "long", float: "double", bool: "boolean"}
+
+
+def param_types() -> dict[str, str]:
+    """Every SamplingConfig field a caller may pass as a param, with its MLflow type."""
+    hints = typing.get_type_hints(SamplingConfig)
+    types = {}
+    for f in dataclasses.fields(SamplingConfig):
+        base = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not None)
+        types[f.name] = _MLFLOW_TYPES[base]
+    return types
 
 
 def sampling_from_params(params: dict[str, Any] | None) -> SamplingConfig:
     """pyfunc params -> a checked SamplingConfig; an unknown name is an error."""
+    types = param_types()
     params = {k: v for k, v in (params or {}).items() if v is not None}
-    unknown = sorted(set(params) - set(PARAM_TYPES))
+    unknown = sorted(set(params) - set(types))
     if unknown:
         raise SamplingError(
-            f"unknown sampling param {unknown[0]!r}; expected some of {', '.join(PARAM_TYPES)}"
+            f"unknown sampling param {unknown[0]!r}; expected some of {', '.join(types)}"
         )
     cast = {"long": int, "double": float, "boolean": bool}
     try:
-        cfg = SamplingConfig(**{k: cast[PARAM_TYPES[k]](v) for k, v in params.items()})
+        values = {k: cast[types[k]](v) for k, v in params.items()}
     except (TypeError, ValueError):
         raise SamplingError(
-            f"sampling params {params} must be numbers (and a bool stop_at_eos)"
+            f"sampling params {params} must be numbers (and bools for stop_at_eos, use_cache)"
         ) from None
-    check_sampling(cfg)
-    return cfg
+    return SamplingConfig(**values)  # checks itself
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -110,10 +114,11 @@ class PocketGPTModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pocketgpt.loading import check_device, load_files
+        from pocketgpt.loading import load_files
+        from pocketgpt.runtime import resolve_device
 
         config = context.model_config or {}
-        device = check_device(config.get("device", "cpu"))
+        device = str(resolve_device(str(config.get("device", "cpu")), "model_config.device"))
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         weights = Path(context.artifacts["weights"])
@@ -139,7 +144,7 @@ def signature():
         # One unnamed string column: accepts {"inputs": [...]} and dataframe_records alike.
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec(k, t, defaults[k]) for k, t in PARAM_TYPES.items()]),
+        params=ParamSchema([ParamSpec(k, t, defaults[k]) for k, t in param_types().items()]),
     )
 
 
@@ -158,8 +163,8 @@ def pip_requirements() -> list[str]:
 
 def _stage_code(dst: Path) -> Path:
     """Copy pocketgpt's Python source (not the embedded corpus) to dst/pocketgpt."""
-    src = Path(__file__).resolve().parent
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "corpus", "*.egg-info")
+    src = Path(__file__).resolve().parents[1]  # the pocketgpt package
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "corpus", "conf", "*.egg-info")
     return Path(shutil.copytree(src, dst / "pocketgpt", ignore=ignore))
 
 
@@ -224,36 +229,6 @@ def _link_metrics(client, run_id: str, model_id: str) -> None:
         )
     for i in range(0, len(linked), 1000):
         client.log_batch(run_id, metrics=linked[i : i + 1000])
-
-
-def split_register_as(spec: str) -> tuple[str, str | None]:
-    """'NAME' or 'NAME@ALIAS' -> (NAME, ALIAS or None)."""
-    name, _, alias = spec.partition("@")
-    return name.strip(), (alias.strip() or None)
-
-
-def register(client, model_id: str, run_id: str | None, spec: str):
-    """Register logged model ``model_id`` as a new version of NAME (created if needed); set @ALIAS."""
-    from mlflow.exceptions import MlflowException
-
-    name, alias = split_register_as(spec)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # Source models:/m-ID links the version to the logged model (as mlflow's own log_model does);
-    # a SQL registry resolves it through the process-global tracking URI, so point that at this
-    # client's store for the call.
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(client.tracking_uri):
-        version = client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
-        )
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return version
 
 
 def log_model(

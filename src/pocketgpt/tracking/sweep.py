@@ -152,7 +152,7 @@ def close_parent(parent: SweepParent) -> str | None:
     FAILED when every child failed or none ran, KILLED when a child was killed or never ended,
     else FINISHED. Returns the status set, or None when the parent had already ended.
     """
-    from pocketgpt.tracking import make_client
+    from pocketgpt.tracking.store import make_client
 
     client = make_client(parent.tracking_uri)
     if client.get_run(parent.run_id).info.status != "RUNNING":
@@ -190,7 +190,7 @@ def record_failed_job(config: DictConfig, exc: BaseException, parent: SweepParen
 
     Returns the child run id.
     """
-    from pocketgpt.tracking import Tracker, flatten
+    from pocketgpt.tracking.run import Tracker, flatten
 
     job_num = OmegaConf.select(config, "hydra.job.num")
     overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[])]
@@ -251,7 +251,7 @@ class MlflowSweepCallback(Callback):
         self.run_name_prefix = run_name_prefix
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pocketgpt.tracking import Tracker
+        from pocketgpt.tracking.run import Tracker
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         overrides = [str(o) for o in config.hydra.overrides.task]

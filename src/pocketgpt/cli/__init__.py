@@ -1,0 +1,31 @@
+"""Command-line entry points: ``pocketgpt-train``, ``pocketgpt-generate``, ``pocketgpt-compare``.
+
+Each command only composes its settings, calls the library and prints. They share
+``one_line_errors``: any ``PocketGPTError`` (a bad setting, file, URI or store) ends the command
+with one ``error:`` line on stderr and exit status 2 instead of a traceback
+(``HYDRA_FULL_ERROR=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pocketgpt.errors import PocketGPTError
+
+CONFIG_PACKAGE = "pkg://pocketgpt.conf"  # Hydra's configs ship inside the package
+
+
+@contextmanager
+def one_line_errors(reraise: bool = False) -> Iterator[None]:
+    """Turn a PocketGPTError into ``error: <message>`` and exit 2; ``reraise`` lets it through
+    (a sweep job, whose launcher records the failure and goes on)."""
+    try:
+        yield
+    except PocketGPTError as e:
+        if reraise or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
