@@ -115,3 +115,12 @@ def small_text_files(tmp_path):
         p.write_text("".join(lines[a:b]), encoding="utf-8")
         paths[name] = p
     return paths
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_mlflow():
+    """As the commands do (pocketgpt.cli.quiet_mlflow): no progress bar per artifact file."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    yield
+    mp.undo()

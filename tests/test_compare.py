@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pocketgpt.cli.compare import main
+from pocketgpt.cli import compare as compare_cli
 from pocketgpt.config import TrackingConfig
 from pocketgpt.tracking.compare import compare
 from pocketgpt.tracking.run import Tracker
@@ -30,6 +30,14 @@ def swept(tmp_path_factory, shared_cache):
     lone.log_metrics({"val_loss": 9.0, "val_bpb": 9.5}, 1)
     lone.end("FINISHED")
     return root, uri, lone.run_id
+
+
+def main(argv: list[str]) -> int:
+    """The command's exit status: what main returns, or what a one-line error exits with."""
+    try:
+        return compare_cli.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def _rows(out: str) -> list[list[str]]:

@@ -18,6 +18,15 @@ from pocketgpt.errors import PocketGPTError
 CONFIG_PACKAGE = "pkg://pocketgpt.conf"  # Hydra's configs ship inside the package
 
 
+def quiet_mlflow() -> None:
+    """No MLflow progress bar per artifact file: the commands print their own progress.
+
+    A process-wide setting (MLflow reads it from the environment), so only the commands make it,
+    once, at start; a user's own choice in the environment wins.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 @contextmanager
 def one_line_errors(reraise: bool = False) -> Iterator[None]:
     """Turn a PocketGPTError into ``error: <message>`` and exit 2; ``reraise`` lets it through

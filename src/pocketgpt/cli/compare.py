@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pocketgpt.cli import one_line_errors
+from pocketgpt.cli import one_line_errors, quiet_mlflow
 from pocketgpt.tracking.compare import compare, format_table, set_best_alias, write_plot
 
 
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_mlflow()
     with one_line_errors():
         c = compare(args.experiment, args.sweep, args.metric, args.tracking_uri)
         scope = f"sweep {c.sweep_id}" if c.sweep_id else "all runs"

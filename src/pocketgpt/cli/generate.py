@@ -18,7 +18,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, quiet_mlflow
 from pocketgpt.config import GenerateConfig, SamplingConfig, register_configs
 
 
@@ -85,6 +85,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_mlflow()
     register_configs()
     _hydra_main()
 

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, quiet_mlflow
 from pocketgpt.config import register_configs
 
 
@@ -37,6 +37,7 @@ def _hydra_main(dcfg: DictConfig) -> float:
 
 
 def main() -> None:
+    quiet_mlflow()
     register_configs()
     _hydra_main()
 

@@ -14,14 +14,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from pocketgpt.config import TokenizerConfig, TokenizerKind
 
 from .base import Tokenizer, TokenizerError, read_json
 from .bpe import FORMAT, FORMAT_VERSION, BPETokenizer
 from .hf import HFTokenizer
-
-if TYPE_CHECKING:  # importing pocketgpt.config pulls in Hydra; only the type is needed here
-    from pocketgpt.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +73,24 @@ def build_tokenizer(
     ``cache_dir/tokenizers/<key>/tokenizer.json`` exists already; a corrupt cache entry is
     retrained and overwritten.
     """
-    kind = cfg.kind  # a config.TokenizerKind: checked when the config was built
-    if kind == "hf_file":
+    try:
+        kind = TokenizerKind(cfg.kind)
+    except ValueError:
+        allowed = ", ".join(TokenizerKind)
+        raise TokenizerError(
+            f"tokenizer.kind={cfg.kind!r} is unknown; expected one of {allowed}"
+        ) from None
+    if kind == TokenizerKind.hf_file:
         if not cfg.path:
             raise TokenizerError("tokenizer.kind=hf_file needs tokenizer.path (a tokenizer.json)")
         path = Path(cfg.path)
         return HFTokenizer.from_file(path), path
-    if kind == "bpe" and cfg.path:
+    if kind == TokenizerKind.bpe and cfg.path:
         path = Path(cfg.path)
         return BPETokenizer.load(path), path
 
     path = Path(cache_dir) / "tokenizers" / cache_key(cfg, train_text) / "tokenizer.json"
-    cls = BPETokenizer if kind == "bpe" else HFTokenizer
+    cls = BPETokenizer if kind == TokenizerKind.bpe else HFTokenizer
     if path.exists():
         try:
             tok = cls.load(path)

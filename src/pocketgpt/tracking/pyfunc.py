@@ -38,7 +38,6 @@ from pocketgpt.model import GPTMini
 from pocketgpt.model_io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_model
 from pocketgpt.sampling import generate_text
 from pocketgpt.tracking.registry import register, split_register_as
-from pocketgpt.tracking.store import quiet_artifact_progress
 
 LOGGED_MODEL_NAME = "model"
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
@@ -177,25 +176,24 @@ def save_pyfunc(
         files = save_model(model, Path(tmp) / "files")
         shutil.copyfile(tokenizer_path, files / TOKENIZER_FILE)
         code = _stage_code(Path(tmp) / "code")
-        with quiet_artifact_progress():
-            mlflow.pyfunc.save_model(
-                str(path),
-                python_model=str(ENTRY_FILE),  # models-from-code: no pickle
-                artifacts={
-                    "weights": str(files / WEIGHTS_FILE),
-                    "config": str(files / CONFIG_FILE),
-                    "tokenizer": str(files / TOKENIZER_FILE),
-                },
-                code_paths=[str(code)],
-                signature=signature(),
-                input_example=(
-                    pd.DataFrame({"prompt": ["The meaning of life is"]}),
-                    {"max_new_tokens": 20},
-                ),
-                pip_requirements=pip_requirements(),
-                mlflow_model=mlflow_model,
-                metadata={"pocketgpt_version": __version__, **model.config.to_dict()},
-            )
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=str(ENTRY_FILE),  # models-from-code: no pickle
+            artifacts={
+                "weights": str(files / WEIGHTS_FILE),
+                "config": str(files / CONFIG_FILE),
+                "tokenizer": str(files / TOKENIZER_FILE),
+            },
+            code_paths=[str(code)],
+            signature=signature(),
+            input_example=(
+                pd.DataFrame({"prompt": ["The meaning of life is"]}),
+                {"max_new_tokens": 20},
+            ),
+            pip_requirements=pip_requirements(),
+            mlflow_model=mlflow_model,
+            metadata={"pocketgpt_version": __version__, **model.config.to_dict()},
+        )
     return path
 
 

@@ -25,7 +25,6 @@ from pocketgpt.errors import ModelURIError
 from pocketgpt.model_io import mlmodel_artifacts
 from pocketgpt.tracking.store import (
     make_client,
-    quiet_artifact_progress,
     registry_uri,
     tracking_uri,
 )
@@ -122,18 +121,17 @@ def resolve(
         )
 
     try:
-        with quiet_artifact_progress():
-            location = _artifact_location(make_client(store), uri)
-            # Only MLmodel and the files it names: not the bundled code or examples.
-            try:
-                arts = mlmodel_artifacts(fetch(location, "MLmodel"))
-            except MlflowException:
-                return fetch(location, "")  # no MLmodel there: a plain folder, taken whole
-            if arts is None:
-                return fetch(location, "")
-            for rel in arts.values():
-                fetch(location, rel)
-            return Path(dst)
+        location = _artifact_location(make_client(store), uri)
+        # Only MLmodel and the files it names: not the bundled code or examples.
+        try:
+            arts = mlmodel_artifacts(fetch(location, "MLmodel"))
+        except MlflowException:
+            return fetch(location, "")  # no MLmodel there: a plain folder, taken whole
+        if arts is None:
+            return fetch(location, "")
+        for rel in arts.values():
+            fetch(location, rel)
+        return Path(dst)
     except MlflowException as e:
         first = (str(e.message).strip().splitlines() or [type(e).__name__])[0]
         raise ModelURIError(f"cannot load {uri!r} from {store}: {first}") from None

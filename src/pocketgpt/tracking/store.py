@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +100,3 @@ def make_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=registry_uri(uri)))
-
-
-@contextmanager
-def quiet_artifact_progress() -> Iterator[None]:
-    """Silence MLflow's artifact progress bars (one per file copied) for the duration."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
