@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import pocketgpt
-from pocketgpt import sampling
-from pocketgpt.loading import ModelURIError, check_device, load, resolve
-from pocketgpt.model import GPTConfig, GPTMini
-from pocketgpt.model_io import ModelFileError, save_model
+from pocketgpt import errors, sampling
+from pocketgpt.config import ModelConfig
+from pocketgpt.errors import ConfigError, ModelFileError, ModelURIError, PocketGPTError
+from pocketgpt.loading import load
+from pocketgpt.model import GPTMini
+from pocketgpt.model_io import save_model
+from pocketgpt.runtime import resolve_device
 from pocketgpt.sampling import (
-    KVDecoder,
     SamplingConfig,
     SamplingError,
     apply_repetition_penalty,
@@ -25,10 +27,11 @@ from pocketgpt.sampling import (
     generate,
     generate_text,
 )
+from pocketgpt.tracking.registry import resolve
 
 from .conftest import ROOT
 
-CFG = GPTConfig(vocab_size=300, d_model=32, n_heads=4, d_ff=64, num_layers=2, max_len=32)
+CFG = ModelConfig(vocab_size=300, d_model=32, n_heads=4, d_ff=64, num_layers=2, max_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +72,22 @@ def reference_greedy(model, prompt, n):
 
 
 def recorded_logits(monkeypatch):
-    """Record every logits tensor the KV decoder returns to generate()."""
+    """Record every logits tensor the model's forward returns to generate()'s sampling."""
     seen = []
-    for name in ("prefill", "step"):
-        original = getattr(KVDecoder, name)
+    original = sampling._next_logits
 
-        def wrapper(self, *args, _original=original, **kwargs):
-            out = _original(self, *args, **kwargs)
-            seen.append(out.clone())
-            return out
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.clone())
+        return out
 
-        monkeypatch.setattr(KVDecoder, name, wrapper)
+    monkeypatch.setattr(sampling, "_next_logits", wrapper)
     return seen
 
 
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("prompt_len", [5, 31, 32, 45], ids=["short", "fills-1", "fills", "long"])
-def test_kv_cache_matches_recomputing_the_whole_context(
-    model, monkeypatch, prompt_len, rows, kernel
-):
-    model.__dict__.pop("_pocketgpt_decoders", None)  # decoders with this test's kernel
+def test_kv_cache_matches_recomputing_the_whole_context(model, monkeypatch, prompt_len, rows):
     torch.manual_seed(prompt_len)
     prompt = torch.randint(0, CFG.vocab_size, (rows, prompt_len))
     n = 40  # runs well past max_len=32: the window slides in every case
@@ -101,9 +100,9 @@ def test_kv_cache_matches_recomputing_the_whole_context(
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step}: {(a - b).abs().max()}"
 
 
-# 1 and 3 rows read the output layer as (C, V), 5 rows as (V, C) (KVDecoder.head_rows). This
-# model's logits reach +-40 (the sharpened embedding), where one fp32 ulp is 4e-6 and a different
-# summation order moves a logit by a few: 1e-5 plus one part in a million of the value.
+# This model's logits reach +-40 (the sharpened embedding), where one fp32 ulp is 4e-6 and a
+# different summation order (attention over a cache slice instead of a causal window) moves a
+# logit by a few: 1e-5 plus one part in a million of the value.
 CLOSE = dict(atol=1e-5, rtol=1e-6)
 
 
@@ -122,52 +121,26 @@ def model_with_random_biases(bias: bool) -> GPTMini:
     return m
 
 
-@pytest.fixture(params=["torchscript", "eager"])
-def kernel(request, monkeypatch):
-    """Run the decoder's step kernel compiled from the first step, and as plain Python (how a
-    decoder starts, and the fallback where TorchScript is unavailable): both must give the
-    model's logits."""
-    if request.param == "eager":
-        monkeypatch.setattr(sampling, "compile_kernel", lambda k: k)
-    else:
-        monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 0)
-    return request.param
-
-
-def test_the_step_kernel_compiles_once_a_decoder_has_run_enough_steps(monkeypatch):
-    monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 50)
-    torch.manual_seed(6)
-    m = GPTMini(CFG).eval()
-    prompt = torch.randint(0, CFG.vocab_size, (2, 3))
-    expected, _ = reference_greedy(m, prompt, 20)
-    kinds = []
-    for _ in range(4):  # 20 steps a call: the third call starts at 40 + 20 >= 50 and compiles
-        assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=20)), expected)
-        dec = m.__dict__["_pocketgpt_decoders"][2]
-        kinds.append(isinstance(dec.kernel, torch.jit.ScriptModule))
-    # A ScriptModule: else TorchScript failed on the kernel and every decoder silently stays on
-    # the slower eager one.
-    assert kinds == [False, False, True, True]
-    assert dec.steps_run == 4 * 19  # the last token of a call needs no step
-
-
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_decoder_logits_match_forward_at_every_position(batch, bias, kernel):
+def test_cached_logits_match_forward_at_every_position(batch, bias):
     model = model_with_random_biases(bias)
     ids = torch.randint(
         0, CFG.vocab_size, (batch, CFG.max_len), generator=torch.Generator().manual_seed(batch)
     )
-    full = model(ids)  # (B, L, V)
-    dec = KVDecoder(model, batch)
-    dec.compile_when_due(0)
-    assert isinstance(dec.kernel, torch.jit.ScriptModule) == (kernel == "torchscript")
-    assert (dec.kernel.head_rows is not None) == (batch >= 4)
-    assert torch.allclose(dec.prefill(ids[:, :4]), full[:, 3], **CLOSE)
-    for t in range(4, CFG.max_len):
-        assert torch.allclose(dec.step(ids[:, t : t + 1]), full[:, t], **CLOSE)
-    with pytest.raises(SamplingError, match="cache is full"):
-        dec.step(ids[:, :1])
+    with torch.inference_mode():  # as generate() runs
+        full = model(ids)  # (B, L, V)
+        cache = model.new_kv_cache(batch)
+        assert torch.allclose(model(ids[:, :4], input_pos=0, cache=cache), full[:, :4], **CLOSE)
+        for t in range(4, CFG.max_len):
+            step = model(ids[:, t : t + 1], input_pos=t, cache=cache)  # (B, 1, V)
+            assert torch.allclose(step[:, 0], full[:, t], **CLOSE), t
+        # the sampler's own call: the last position's logits only
+        cache.reset()
+        last = sampling._next_logits(model, ids[:, :9], 0, cache)
+        assert torch.allclose(last, full[:, 8], **CLOSE)
+        with pytest.raises(ValueError, match="longer than max_len=32"):
+            model(ids[:, :1], input_pos=CFG.max_len, cache=cache)  # the cache is full
 
 
 def test_without_cache_and_with_a_wide_slide(model):
@@ -337,8 +310,8 @@ def test_bad_uris_and_missing_files_are_one_line_errors(tmp_path, model_dir, mon
     (partial / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
     with pytest.raises(ModelFileError, match="model.safetensors is missing"):
         load(partial)
-    with pytest.raises(ModelURIError, match="device='tpu' is not a torch device"):
-        check_device("tpu")
+    with pytest.raises(ConfigError, match="device='tpu' is not a torch device"):
+        resolve_device("tpu", "device")
     assert resolve(str(model_dir), tmp_path) == model_dir
 
 
@@ -372,7 +345,8 @@ def test_command_on_a_local_folder(model_dir, tmp_path, model, tokenizer):
 def test_command_config_batches_and_errors(compose_cfg, model_dir, capsys):
     from omegaconf import OmegaConf
 
-    from pocketgpt.generate import _known_errors, register_configs, run
+    from pocketgpt.cli.generate import run
+    from pocketgpt.config import register_configs
 
     register_configs()
     dcfg = compose_cfg(
@@ -389,71 +363,69 @@ def test_command_config_batches_and_errors(compose_cfg, model_dir, capsys):
     out = capsys.readouterr().out
     assert out == f"[0] Once upon a time{texts[0]}\n[1] The meaning{texts[1]}\n"
     for override, err, text in [
-        ("top_p=2", SamplingError, "top_p=2.0 must be in [0, 1]"),
+        ("top_p=2", errors.SamplingError, "top_p=2.0 must be in [0, 1]"),
         ("model_uri=/no/such/dir", ModelURIError, "neither a folder nor a model URI"),
-        ("slide=99", SamplingError, "slide=99 must be between 1 and model max_len=32"),
+        ("slide=99", errors.SamplingError, "slide=99 must be between 1 and model max_len=32"),
     ]:
         overrides = (f"model_uri={model_dir}", override, "threads=null")
-        cfg = OmegaConf.to_object(compose_cfg(*overrides, name="generate"))
+        # a bad setting fails when the config is built, a bad model when run reaches it
         with pytest.raises(err, match=text.replace("[", r"\[").replace("]", r"\]")):
-            run(cfg)
-        assert issubclass(err, _known_errors())  # the command prints these as one line
+            run(OmegaConf.to_object(compose_cfg(*overrides, name="generate")))
+        assert issubclass(err, PocketGPTError)  # the command prints these as one line
 
 
-def test_decoder_weights_follow_parameter_updates():
+def test_generate_follows_parameter_updates_and_leaves_nothing_on_the_model():
     torch.manual_seed(1)
     m = GPTMini(CFG).eval()
+    attributes = set(vars(m))
     prompt = torch.randint(0, CFG.vocab_size, (1, 5))
-    generate(m, prompt, SamplingConfig(max_new_tokens=3))  # builds and caches the layout
+    generate(m, prompt, SamplingConfig(max_new_tokens=3))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # as an optimizer step would
     expected, _ = reference_greedy(m, prompt, 10)
     assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=10)), expected)
-    assert "_pocketgpt_decode_weights" not in m.state_dict()
+    generate(m, [[4, 5, 6], list(range(20, 50))], SamplingConfig(max_new_tokens=6))  # ragged
+    assert set(vars(m)) == attributes  # no weights, caches or buffers kept between calls
+    assert set(m.state_dict()) == set(GPTMini(CFG).state_dict())
 
 
-def test_generate_reuses_its_decoder_and_leaves_no_state_behind():
-    torch.manual_seed(2)
-    m = GPTMini(CFG).eval()
-    prompt = torch.randint(0, CFG.vocab_size, (2, 9))
-    expected, _ = reference_greedy(m, prompt, 30)
-    # A ragged batch leaves padding masked in the decoder it puts back on the model...
-    generate(m, [[4, 5, 6], list(range(20, 50))], SamplingConfig(max_new_tokens=6))
-    kept = m.__dict__["_pocketgpt_decoders"][2]
-    # ...which the next call at the same batch size takes over, with none of that state.
-    assert torch.equal(generate(m, prompt, SamplingConfig(max_new_tokens=30)), expected)
-    assert m.__dict__["_pocketgpt_decoders"][2] is kept
-    one = generate(m, prompt[:1], SamplingConfig(max_new_tokens=30))  # another batch size
-    assert torch.equal(one, expected[:1])
-    assert list(m.__dict__["_pocketgpt_decoders"]) == [2, 1]  # both kept, the newest last
-    for b in (3, 4, 5):
-        generate(m, prompt[:1].expand(b, -1), SamplingConfig(max_new_tokens=2))
-    assert list(m.__dict__["_pocketgpt_decoders"]) == [1, 3, 4, 5]  # the last four
-    with torch.no_grad():
-        m.lm_head.weight.mul_(2)  # new weights: a kept decoder is stale
-    generate(m, prompt[:1], SamplingConfig(max_new_tokens=2))
-    assert list(m.__dict__["_pocketgpt_decoders"]) == [1]  # and so are the others: dropped
-    with torch.inference_mode():  # generate() made its buffers in inference mode
-        kept.prefill(prompt)
-        with pytest.raises(SamplingError, match="3 ids given to a decoder of 2 rows"):
-            kept.step(torch.tensor([1, 2, 3]))
-        with pytest.raises(SamplingError, match="1 rows given to a decoder built for 2"):
-            kept.prefill(prompt[:1])
+def test_a_cache_is_reset_for_each_new_batch_of_sequences():
+    model = model_with_random_biases(True)
+    ids = torch.randint(0, CFG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(7))
+    pads = torch.tensor([4, 0, 9])
+    with torch.inference_mode():
+        cache = model.new_kv_cache(3)
+        for _ in range(2):  # the same cache twice: nothing of the first round leaks
+            # Left-padded rows: padding masked out, positions from 0 at the first real token.
+            cache.reset(pads)
+            out = [model(ids[:, :12], input_pos=0, cache=cache)]
+            out += [model(ids[:, t : t + 1], input_pos=t, cache=cache) for t in range(12, 20)]
+            got = torch.cat(out, dim=1)  # (3, 20, V)
+            for row, pad in enumerate(pads.tolist()):
+                alone = model(ids[row : row + 1, pad:])
+                assert torch.allclose(got[row, pad:], alone[0], **CLOSE), row
+            # reset() without pads: an unpadded batch reusing the padded rows' slots
+            cache.reset()
+            assert cache.pads is None
+            out = [model(ids[:, :7], input_pos=0, cache=cache)]
+            out.append(model(ids[:, 7:15], input_pos=7, cache=cache))  # several tokens at once
+            out += [model(ids[:, t : t + 1], input_pos=t, cache=cache) for t in range(15, 20)]
+            assert torch.allclose(torch.cat(out, dim=1), model(ids), **CLOSE)
+        assert cache.reset(torch.zeros(3, dtype=torch.long)).pads is None  # no row padded
+        with pytest.raises(ValueError, match="2 rows given to a KV cache made for 3"):
+            model(ids[:2, :4], input_pos=0, cache=cache)
 
 
-def test_a_model_that_generated_can_be_copied_and_pickled(monkeypatch):
+def test_a_model_that_generated_can_be_copied_and_pickled():
     import copy
     import pickle
 
-    monkeypatch.setattr(sampling, "COMPILE_AFTER_STEPS", 0)  # a compiled kernel cannot be copied
     torch.manual_seed(5)
     m = GPTMini(CFG).eval()
     prompt = torch.randint(0, CFG.vocab_size, (1, 6))
-    out = generate(m, prompt, SamplingConfig(max_new_tokens=8))  # leaves a decoder on m
-    assert isinstance(m.__dict__["_pocketgpt_decoders"][1].kernel, torch.jit.ScriptModule)
+    out = generate(m, prompt, SamplingConfig(max_new_tokens=8))
     for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert not twin.__dict__["_pocketgpt_decoders"]  # the copy builds its own
         assert torch.equal(generate(twin, prompt, SamplingConfig(max_new_tokens=8)), out)
 
 
@@ -465,7 +437,7 @@ def test_concurrent_generate_calls_on_one_model():
     prompts = [torch.randint(0, CFG.vocab_size, (1, 4 + i)) for i in range(6)]
     expected = [reference_greedy(m, p, 20)[0] for p in prompts]
     cfg = SamplingConfig(max_new_tokens=20)
-    with ThreadPoolExecutor(3) as pool:  # each call takes its own decoder off the model
+    with ThreadPoolExecutor(3) as pool:  # each call allocates its own cache
         got = list(pool.map(lambda p: generate(m, p, cfg), prompts * 4))
     for i, out in enumerate(got):
         assert torch.equal(out, expected[i % len(prompts)]), i

@@ -22,10 +22,9 @@ from mlflow.tracking import MlflowClient
 from pocketgpt.config import register_configs
 from pocketgpt.errors import ModelURIError
 from pocketgpt.loading import load
-from pocketgpt.model_io import model_files
-from pocketgpt.tracking.registry import resolve
-from pocketgpt.model_io import ModelFileError
+from pocketgpt.model_io import ModelFileError, model_files
 from pocketgpt.sampling import SamplingConfig, generate_text
+from pocketgpt.tracking.registry import resolve
 from pocketgpt.train import train
 
 from .conftest import TINY, compose

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from pocketgpt.model import GPTConfig, GPTMini
+from pocketgpt.config import ModelConfig
+from pocketgpt.model import GPTMini
 from pocketgpt.model_io import ModelFileError, load_model, save_model
 
-TINY = GPTConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, num_layers=2, max_len=16)
+TINY = ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, num_layers=2, max_len=16)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_weight_tying_and_param_count(model):
 
 
 def test_default_shape_param_count():
-    m = GPTMini(GPTConfig(vocab_size=8192))
+    m = GPTMini(ModelConfig(vocab_size=8192))
     per_layer = (
         (128 * 384 + 384) + (128 * 128 + 128) + (128 * 512 + 512) + (512 * 128 + 128) + 4 * 128
     )
@@ -55,14 +56,24 @@ def test_too_long_sequence_is_an_error(model):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_kv_cache_matches_full_forward(model):
+@pytest.mark.parametrize("prefill", [1, 7, 12])
+def test_cached_prefill_and_steps_match_a_full_forward(model, prefill):
     idx = torch.randint(0, 50, (2, 12))
     full = model(idx)
-    cache: list = []
-    prefix = model(idx[:, :7], kv_cache=cache)
-    steps = [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(7, 12)]
+    with torch.no_grad():
+        cache = model.new_kv_cache(2)
+        prefix = model(idx[:, :prefill], input_pos=0, cache=cache)
+        steps = [model(idx[:, t : t + 1], input_pos=t, cache=cache) for t in range(prefill, 12)]
     stepped = torch.cat([prefix, *steps], dim=1)
+    assert stepped.shape == full.shape
     assert torch.allclose(stepped, full, atol=1e-5)
+
+
+def test_hidden_states_are_the_forward_before_the_head(model):
+    idx = torch.randint(0, 50, (2, 9))
+    h = model.hidden_states(idx)
+    assert h.shape == (2, 9, 32)
+    assert torch.equal(model.lm_head(h), model(idx))
 
 
 def test_save_load_round_trip(model, tmp_path):

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketgpt.atomic import atomic_path, atomic_write_text
-from pocketgpt.errors import ModelFileError
-from pocketgpt.model import GPTConfig, GPTMini
+from pocketgpt.config import ModelConfig
+from pocketgpt.errors import ConfigError, ModelFileError
+from pocketgpt.model import GPTMini
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -55,9 +56,9 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     if not isinstance(raw, dict) or raw.pop("architecture", None) != "GPTMini":
         raise ModelFileError(f"{config_path} does not describe a GPTMini model")
     try:
-        cfg = GPTConfig(**raw)
-    except TypeError as e:
-        raise ModelFileError(f"{config_path} has unexpected fields ({e})") from None
+        cfg = ModelConfig(**raw)
+    except (TypeError, ConfigError) as e:
+        raise ModelFileError(f"{config_path} has unexpected or impossible fields ({e})") from None
     try:
         state = load_file(str(weights_path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers

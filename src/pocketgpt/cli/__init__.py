@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from pocketgpt.config import register_configs
 from pocketgpt.errors import PocketGPTError
 
 CONFIG_PACKAGE = "pkg://pocketgpt.conf"  # Hydra's configs ship inside the package
@@ -38,3 +39,10 @@ def one_line_errors(reraise: bool = False) -> Iterator[None]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_hydra_command(hydra_main: Callable[[], object]) -> None:
+    """Start a Hydra command: MLflow quiet, the schemas registered, then Hydra's own main."""
+    quiet_mlflow()
+    register_configs()
+    hydra_main()

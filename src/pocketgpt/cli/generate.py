@@ -18,8 +18,8 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, quiet_mlflow
-from pocketgpt.config import GenerateConfig, SamplingConfig, register_configs
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command
+from pocketgpt.config import GenerateConfig, SamplingConfig
 
 
 def run(cfg: GenerateConfig, out=None, err=None) -> list[str]:
@@ -85,9 +85,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
-    quiet_mlflow()
-    register_configs()
-    _hydra_main()
+    run_hydra_command(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, quiet_mlflow
-from pocketgpt.config import register_configs
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
@@ -37,9 +36,7 @@ def _hydra_main(dcfg: DictConfig) -> float:
 
 
 def main() -> None:
-    quiet_mlflow()
-    register_configs()
-    _hydra_main()
+    run_hydra_command(_hydra_main)
 
 
 if __name__ == "__main__":

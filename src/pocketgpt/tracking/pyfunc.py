@@ -7,7 +7,7 @@ LoggedModel linked to the run, carrying the run's params and final metrics, so
     MLmodel                        pyfunc flavour, signature (prompt -> text, sampling params)
     pyfunc_entry.py                models-from-code: MLflow runs it instead of unpickling
     artifacts/model.safetensors    weights (safetensors: loading runs no code)
-    artifacts/model_config.json    GPTConfig
+    artifacts/model_config.json    ModelConfig
     artifacts/tokenizer.json       tokenizer
     code/pocketgpt/                pocketgpt's source, so the model serves without it installed
     requirements.txt, python_env.yaml, input_example.json, serving_input_example.json
