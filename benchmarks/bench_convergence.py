@@ -13,7 +13,7 @@ bare nanoGPT-style reference with its own recipe.
    is the training time at the first evaluation at or below it.
 
 Both use the same tokens (the embedded corpus through pocketgpt's tokenizer) and the same
-evaluation (``pocketgpt.trainer.evaluate`` over the whole validation split, bits per byte);
+evaluation (``pocketgpt.evaluation.evaluate`` over the whole validation split, bits per byte);
 evaluation time is left out of both clocks (it is the measuring instrument; its cost in a
 default run is in section (d)). Each runs in a fresh process. Target: pocketgpt reaches the
 reference's final bpb in at most 0.8x the reference's time.
@@ -22,16 +22,11 @@ reference's final bpb in at most 0.8x the reference's time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SECTION = "(e) Time to a validation bpb"
 
@@ -51,7 +46,7 @@ def worker_bare(args) -> dict:
     import nanogpt_ref as ref
     import torch
 
-    from pocketgpt.trainer import evaluate
+    from pocketgpt.evaluation import evaluate
 
     tok, splits = _splits()
     torch.manual_seed(1337)
@@ -81,59 +76,21 @@ def worker_bare(args) -> dict:
 
 
 def worker_pocketgpt(args) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    import _compose
 
-    from pocketgpt import trainer as trainer_mod
-    from pocketgpt.config import register_configs
-    from pocketgpt.train import config_dir, train
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-convergence-"))
-    (tmp / "mlruns").mkdir()
-    curve: list[dict] = []
-    clock = {}
-
-    # Instrument from outside: the start of fit() and each evaluation (its start, step, bpb).
-    fit, evaluate_ = trainer_mod.Trainer.fit, trainer_mod.Trainer._evaluate
-
-    def timed_fit(self):
-        clock["start"] = time.perf_counter()
-        return fit(self)
-
-    def timed_evaluate(self):
-        t0 = time.perf_counter()
-        res = evaluate_(self)
-        curve.append(
-            {
-                "step": self.state.step,
-                "time": t0 - clock["start"] - self.timings["eval"],
-                "bpb": res.bpb,
-            }
-        )
-        return res
-
-    trainer_mod.Trainer.fit, trainer_mod.Trainer._evaluate = timed_fit, timed_evaluate
     overrides = [
         f"trainer.eval_interval={args.eval_every}",
-        f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
-        f"trainer.checkpoint_dir={tmp / 'checkpoints'}",
         "tracking.log_model=false",
-        f"cache_dir={ROOT / '.cache/pocketgpt'}",
         *args.override,
     ]
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    log = tmp / "train.log"
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train(cfg)
-    lines = log.read_text().splitlines()
-    return {
-        "curve": curve,
-        "chose": next((ln for ln in lines if ln.startswith("trainer:")), ""),
-        "max_steps": cfg.trainer.max_steps,
-    }
+    job = _compose.train_in_temp("bench-convergence-", overrides)
+    # Each validation pass of fit(): its step, and the training time before it with the
+    # evaluations left out (TrainResult.evals).
+    curve = [
+        {"step": e["step"], "time": e["train_seconds"], "bpb": e["bpb"]}
+        for e in job.outcome.result.evals
+    ]
+    return {"curve": curve, "chose": job.chose, "max_steps": job.cfg.trainer.max_steps}
 
 
 def run_worker(name: str, args) -> dict:

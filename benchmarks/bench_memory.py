@@ -21,18 +21,14 @@ Appends a dated section to BENCHMARKS.md (``--no-write`` to only print).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_train import SHAPES  # one table of model shapes for all benchmarks
 
-from bench_train import SHAPES  # noqa: E402  (one table of model shapes for all benchmarks)
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTION = "Memory"
 
@@ -57,31 +53,13 @@ def _imports():
 
 
 def worker_train(args) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from pocketgpt.config import register_configs
-    from pocketgpt.train import config_dir, train
+    import _compose
 
     _imports()
     base = rss_mb()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    (tmp / "mlruns").mkdir()
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                f"model={args.model}",
-                f"trainer.max_steps={args.steps}",
-                f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
-                f"trainer.checkpoint_dir={tmp / 'checkpoints'}",
-                f"cache_dir={ROOT / '.cache/pocketgpt'}",
-            ],
-        )
-    with open(tmp / "log", "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train(cfg)
+    _compose.train_in_temp(
+        "bench-memory-", [f"model={args.model}", f"trainer.max_steps={args.steps}"]
+    )
     return {"base": base, "peak": peak_mb()}
 
 
@@ -112,14 +90,15 @@ def worker_bare(args) -> dict:
 def worker_generate(args) -> dict:
     import torch
 
-    from pocketgpt.model import GPTConfig, GPTMini
+    from pocketgpt.config import ModelConfig
+    from pocketgpt.model import GPTMini
     from pocketgpt.sampling import SamplingConfig, generate
 
     _imports()
     base = rss_mb()
     s = SHAPES[args.model]
     torch.manual_seed(0)
-    model = GPTMini(GPTConfig(vocab_size=8192, **s)).eval()
+    model = GPTMini(ModelConfig(vocab_size=8192, **s)).eval()
     prompt = torch.randint(0, 8192, (args.batch, 16))
     cfg = SamplingConfig(max_new_tokens=s["max_len"] - 16, use_cache=not args.no_cache)
     generate(model, prompt, cfg)

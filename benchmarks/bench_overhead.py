@@ -27,11 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import _report
 
-import _report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTION = "(d) Where the wall time goes"
 PARTS = ("data", "compute", "tracking", "progress", "eval", "checkpoint")

@@ -31,10 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+from pocketgpt.tokenizer import PATTERNS, BPETokenizer, HFTokenizer
 
-from pocketgpt.tokenizer import PATTERNS, BPETokenizer, HFTokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def median_time(fn: Callable[[], object], repeats: int, setup: Callable[[], None] | None = None):
@@ -182,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         results = Path(args.results)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         import _report  # the shared BENCHMARKS.md helper: under the tokenizer's heading
 
         _report.append_section("(b) Tokenizer", "\n".join(section), results)

@@ -33,14 +33,10 @@ import contextlib
 import json
 import resource
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SECTION = "(a) Training throughput"
 SHAPES = {
@@ -72,9 +68,10 @@ def token_files(vocab_size: int = 8192, cache_dir: Path = ROOT / ".cache/pocketg
 
 def flops_per_token(shape: dict, vocab: int, block: int) -> int:
     """6 N + 12 L T d, N = non-embedding parameters incl. the tied head (GPTMini.num_params)."""
-    from pocketgpt.model import GPTConfig, GPTMini
+    from pocketgpt.config import ModelConfig
+    from pocketgpt.model import GPTMini
 
-    n = GPTMini(GPTConfig(vocab_size=vocab, **shape)).num_params()
+    n = GPTMini(ModelConfig(vocab_size=vocab, **shape)).num_params()
     return 6 * n + 12 * shape["num_layers"] * block * shape["d_model"]
 
 
@@ -103,47 +100,30 @@ def peak_rss_mb() -> float:
 
 def worker_pocketgpt(args, files) -> dict:
     """The whole job as ``python -m pocketgpt.train`` runs it; rate from MLflow's metric."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    import _compose
     from mlflow.tracking import MlflowClient
 
-    from pocketgpt.config import register_configs
-    from pocketgpt.train import config_dir, train
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
-    (tmp / "mlruns").mkdir()
     overrides = [
         f"model={args.model}",
         f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.eval_interval=1000000",  # evaluation only after the last step
         "trainer.log_interval=10",
-        f"trainer.checkpoint_dir={tmp / 'checkpoints'}",
-        f"tracking.uri={uri}",
         "tracking.log_model=false",
         "trainer.sample_tokens=1",
-        f"cache_dir={ROOT / '.cache/pocketgpt'}",
         *args.override,
     ]
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    log = tmp / "train.log"
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train(cfg)
-    client = MlflowClient(uri)
+    job = _compose.train_in_temp("bench-train-", overrides)
+    client = MlflowClient(job.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pocketgpt").experiment_id])
     windows = {
         m.step: m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_sec")
     }
     timed = [(s, v) for s, v in sorted(windows.items()) if s > args.warmup]
     seconds = sum(10 * BATCH * args.block / v for _, v in timed)
-    chose = next((ln for ln in log.read_text().splitlines() if ln.startswith("trainer:")), "")
     return {
         "tokens_per_sec": len(timed) * 10 * BATCH * args.block / seconds,
         "peak_rss_mb": peak_rss_mb(),
-        "chose": chose,
+        "chose": job.chose,
     }
 
 
@@ -246,7 +226,7 @@ ABLATIONS = {
     "GPTMini, F.cross_entropy + malloc": "ce=plain,opt=fused,malloc=on",
     "GPTMini, fused head+CE": "ce=fused,opt=fused",
     "GPTMini, fused head+CE + malloc": "ce=fused,opt=fused,malloc=on",
-    "GPTMini, model.loss (no logits) + malloc (pocketgpt now)": "ce=loss,opt=fused,malloc=on",
+    "GPTMini, lm_loss (no logits) + malloc (pocketgpt now)": "ce=loss,opt=fused,malloc=on",
     "  same, AdamW foreach": "ce=loss,opt=foreach,malloc=on",
     "  same, AdamW for-loop": "ce=loss,opt=loop,malloc=on",
     "  same, CE chunk 128 rows": "ce=loss,opt=fused,malloc=on,chunk=128",
@@ -279,8 +259,11 @@ def _build_variant(spec: dict, files: dict, model_name: str, block: int):
     """(step function, params) of one ablation variant, built from a parsed spec."""
     import nanogpt_ref as ref
     import torch
+    import torch.nn.functional as F
 
-    import pocketgpt.model as pm
+    from pocketgpt import fused_loss
+    from pocketgpt.config import ModelConfig
+    from pocketgpt.model import GPTMini
 
     torch.manual_seed(1337)
     shape = SHAPES[model_name]
@@ -296,7 +279,7 @@ def _build_variant(spec: dict, files: dict, model_name: str, block: int):
             )
         )
     else:
-        model = pm.GPTMini(pm.GPTConfig(vocab_size=files["vocab_size"], **shape))
+        model = GPTMini(ModelConfig(vocab_size=files["vocab_size"], **shape))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -308,18 +291,32 @@ def _build_variant(spec: dict, files: dict, model_name: str, block: int):
     fwd = torch.compile(model) if spec["compile"] == "on" else model
     offset = ref.npy_data_offset(files["train"])
     bf16 = spec["precision"] == "bf16"
-    fused_ok = pm._fused_head_ok
-    plain = lambda x, t: False  # noqa: E731
+
+    chunk = int(spec["chunk"])
+
+    def head_and_loss(x, y):
+        """The fused head + cross-entropy that still makes the logits (as a forward that returns
+        them would), where it applies; else the plain head and F.cross_entropy."""
+        h = model.hidden_states(x)
+        h, t = h.reshape(-1, h.size(-1)), y.reshape(-1)
+        if fused_loss.fused_ok(h, t):
+            return fused_loss.linear_cross_entropy(h, model.lm_head.weight, t, chunk=chunk)[0]
+        return F.cross_entropy(model.lm_head(h).float(), t)
+
+    def loss_of(x, y):
+        if spec["ce"] == "loss":
+            return fused_loss.lm_loss(model, x, y, chunk)  # what pocketgpt's trainer runs
+        if spec["ce"] == "fused" and spec["model"] != "bare" and spec["compile"] != "on":
+            return head_and_loss(x, y)
+        return fwd(x, y)[1]  # the model's forward: plain cross-entropy over its logits
 
     def step():
-        # Per-variant settings that live in module globals or torch: set before every step,
-        # so that variants can be interleaved in one process.
-        pm.CE_CHUNK_ROWS = int(spec["chunk"])
-        pm._fused_head_ok = plain if spec["ce"] == "plain" else fused_ok
+        # The thread count is process-wide in torch: set before every step, so that variants can
+        # be interleaved in one process.
         torch.set_num_threads(int(spec["threads"] or default_threads))
         x, y = ref.get_batch(files["train"], block, BATCH, offset)
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = fwd.loss(x, y) if spec["ce"] == "loss" else fwd(x, y)[1]
+            loss = loss_of(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -337,7 +334,7 @@ def worker_step(args, files) -> dict:
 
     specs = [parse_spec(x) for x in args.spec.split(";")]
     if specs[0]["malloc"] == "on":
-        from pocketgpt.trainer import tune_cpu_allocator
+        from pocketgpt.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
     steps, firsts = [], []

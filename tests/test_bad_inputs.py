@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pocketgpt.cli.train import main
 from pocketgpt.data import embedded_corpus_dir
-from pocketgpt.train import main
 
 from .conftest import TINY
 
@@ -70,6 +70,7 @@ CATALOGUE = [
     ),
     ("vocab", lambda t: ["tokenizer.vocab_size=10"], 2, "use at least 260"),
     ("heads", lambda t: ["model.n_heads=3"], 2, "not divisible by model.n_heads=3"),
+    ("model-vocab", lambda t: ["model.vocab_size=999"], 2, "leave model.vocab_size null"),
     ("device", lambda t: ["trainer.device=tpu"], 1, "expected one of [auto, cpu, cuda, mps]"),
     *[
         (

@@ -328,6 +328,7 @@ def _cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow  # spawns the command
 def test_command_on_a_local_folder(model_dir, tmp_path, model, tokenizer):
     r = _cli(f"model_uri={model_dir}", "prompt=The meaning of life is", "max_new_tokens=12")
     assert r.returncode == 0, r.stderr

@@ -15,8 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pocketgpt.checkpoint import list_checkpoints, load_checkpoint
+from pocketgpt.errors import NonFiniteLossError
 from pocketgpt.train import train
-from pocketgpt.trainer import NonFiniteLossError
 
 from .conftest import TINY
 

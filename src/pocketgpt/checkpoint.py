@@ -1,9 +1,12 @@
-"""Training checkpoints: everything needed to continue a run bit for bit, written atomically.
+"""Training checkpoints: everything needed to continue a run bit for bit, written atomically,
+and every way of finding one to resume from.
 
 A checkpoint is one file, ``ckpt-<step>.pt``, holding only tensors and plain Python values, so
 it loads with ``torch.load(weights_only=True)``: no pickled objects on any load path. It holds
 the model, optimizer and grad-scaler states, every RNG state, the loop's own state (step, data
 position, early-stopping and metric-window counters) and metadata (config hash, MLflow run id).
+``CheckpointWriter`` writes a run's checkpoints into one folder; ``resolve_resume`` turns
+``trainer.resume`` (auto, a file or folder, an MLflow run id) into a loaded checkpoint.
 """
 
 from __future__ import annotations
@@ -13,14 +16,20 @@ import json
 import os
 import random
 import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pocketgpt.atomic import atomic_path, atomic_write_text
 from pocketgpt.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from pocketgpt.config import TrainerConfig
 
 FORMAT = "pocketgpt-checkpoint"
 VERSION = 1
@@ -145,8 +154,96 @@ def prune(directory: str | os.PathLike, keep: int) -> list[Path]:
     return old
 
 
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """meta.json beside the checkpoints: what resume=auto reads to match a run."""
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
+
+
+class CheckpointWriter:
+    """Writes one run's checkpoints into ``directory``, keeping the newest ``keep``.
+
+    ``meta()`` is read at each write (the MLflow run id is only known once the run has started)
+    and stored in the checkpoint and in meta.json beside it.
+    """
+
+    def __init__(self, directory: Path, keep: int, meta: Callable[[], dict[str, Any]] = dict):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.meta = meta
+
+    def write(self, step: int, state: dict[str, Any], finished: bool = False) -> Path:
+        """Save ``state`` (model, optimizer, ... as the trainer gathers it) as step's checkpoint.
+
+        meta.json (what resume=auto matches on) is written before the first checkpoint can
+        appear, so a kill right after any checkpoint still finds it; "finished" only after the
+        final one is safely on disk.
+        """
+        meta = {**self.meta(), "step": step, "finished": False}
+        payload = {**state, "meta": {**meta, "finished": finished}}
+        write_meta(self.directory, meta)
+        path = save_checkpoint(self.directory / checkpoint_name(step), payload)
+        if finished:
+            write_meta(self.directory, {**meta, "finished": True})
+        prune(self.directory, self.keep)
+        return path
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue from: where it is, and its loaded contents."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run the checkpoint belongs to ("" if none)."""
+        return self.checkpoint["meta"].get("mlflow_run_id", "")
+
+    @property
+    def directory(self) -> Path | None:
+        """The run's own checkpoint folder, where the resumed run keeps writing (and where
+        resume=auto looks next time); None for a copy downloaded from MLflow (no meta.json)."""
+        return self.path.parent if (self.path.parent / "meta.json").exists() else None
+
+
+def resolve_resume(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Resume | None:
+    """trainer.resume -> the checkpoint to continue from, or None to start fresh.
+
+    ``tracker`` (with ``client`` and ``uri``) finds the checkpoints of an MLflow run id. A
+    checkpoint written by a different config (another ``config_hash``) is refused.
+    """
+    path = resume_path(cfg, cfg_hash, tracker)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt["meta"].get("config_hash") != cfg_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different config; resume with the "
+            f"overrides it was trained with, or set trainer.resume=null to start fresh"
+        )
+    return Resume(path, ckpt)
+
+
+def resume_path(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Path | None:
+    """trainer.resume -> a checkpoint file, or None to start fresh (none set, or auto found no
+    unfinished run of this config)."""
+    resume = cfg.resume
+    if not resume:
+        return None
+    if re.fullmatch(r"[0-9a-f]{32}", resume):  # an MLflow run id
+        return checkpoint_of_run(tracker, resume)
+    roots = [Path("outputs"), Path("multirun")]
+    if cfg.checkpoint_dir:
+        roots.insert(0, Path(cfg.checkpoint_dir))
+    return find_resume_checkpoint(resume, roots, cfg_hash)
+
+
 def find_resume_checkpoint(resume: str, search_roots: list[Path], cfg_hash: str) -> Path | None:
-    """Resolve trainer.resume to a checkpoint file.
+    """Resolve a trainer.resume path setting to a checkpoint file.
 
     - ``auto``: the newest checkpoint of an unfinished run with the same config hash under
       search_roots (Hydra's outputs/ and multirun/ folders), or None to start fresh;
@@ -182,6 +279,30 @@ def find_resume_checkpoint(resume: str, search_roots: list[Path], cfg_hash: str)
     )
 
 
-def write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    """meta.json beside the checkpoints: what resume=auto reads to match a run."""
-    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
+def checkpoint_of_run(tracker: Any, run_id: str) -> Path:
+    """The newest checkpoint of an MLflow run: its local folder, else its artifacts (downloaded
+    into a temporary folder)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:
+        raise CheckpointError(
+            f"trainer.resume={run_id}: no such run in {tracker.uri}; check the run id or "
+            f"tracking.uri"
+        ) from None
+    local = run.data.tags.get("pocketgpt.checkpoint_dir")
+    if local and list_checkpoints(local):
+        return list_checkpoints(local)[-1]
+    names = sorted(a.path for a in tracker.client.list_artifacts(run_id, "checkpoints"))
+    if not names:
+        raise CheckpointError(
+            f"trainer.resume={run_id}: the run has no checkpoints (locally or in MLflow); "
+            f"train with trainer.checkpoint_to_mlflow=true to keep them in the store"
+        )
+    target = Path(tempfile.mkdtemp(prefix="pocketgpt-resume-"))
+    local_file = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=names[-1], dst_path=str(target), tracking_uri=tracker.uri
+    )
+    return Path(local_file)

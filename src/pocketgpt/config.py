@@ -320,11 +320,6 @@ def validate(cfg: TrainConfig) -> None:
             f"data.block_size={d.block_size} is longer than model.max_len={m.max_len}; "
             f"lower data.block_size or raise model.max_len"
         )
-    if m.vocab_size is not None and m.vocab_size != cfg.tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={m.vocab_size} differs from tokenizer.vocab_size="
-            f"{cfg.tokenizer.vocab_size}; leave model.vocab_size null (it is the tokenizer's)"
-        )
 
 
 # --------------------------------------------------------------------------- generation

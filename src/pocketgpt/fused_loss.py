@@ -75,9 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, return_logits):
+    def forward(ctx, h, weight, targets, return_logits, chunk):
         logits = torch.mm(h, weight.t()) if return_logits else None
-        loss, grad_h, grad_w = _ce_chunks(logits, targets, h, weight, want_grad=True)
+        loss, grad_h, grad_w = _ce_chunks(logits, targets, h, weight, True, chunk)
         ctx.save_for_backward(h, weight, grad_h, grad_w)
         ctx.set_materialize_grads(False)
         return (loss, logits) if return_logits else loss
@@ -93,24 +93,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_logits is not None:
             grad_h.addmm_(grad_logits, weight)
             grad_w.addmm_(grad_logits.t(), h)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, return_logits: bool = True
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    return_logits: bool = True,
+    chunk: int | None = None,
 ):
     """(mean cross-entropy, logits) of the head ``h @ weight.T`` (h (N, C), targets (N,)); only
     the loss with ``return_logits=False`` (then the (N, V) logits are never stored).
 
     Equal to ``F.cross_entropy(h @ weight.T, targets)`` forward and backward (to float
     rounding), with the loss gradient formed chunk by chunk in cache. Targets must be valid
-    class ids (no ignore_index); callers fall back to F.cross_entropy otherwise.
+    class ids (no ignore_index); callers fall back to F.cross_entropy otherwise. ``chunk``: rows
+    per chunk (default CE_CHUNK_ROWS).
     """
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets, return_logits)
+        return _LinearCrossEntropy.apply(h, weight, targets, return_logits, chunk)
     with torch.no_grad():
         logits = torch.mm(h, weight.t()) if return_logits else None
-        loss = _ce_chunks(logits, targets, h, weight)[0]
+        loss = _ce_chunks(logits, targets, h, weight, chunk=chunk)[0]
     return (loss, logits) if return_logits else loss
 
 
@@ -127,14 +132,16 @@ def fused_ok(h: torch.Tensor, targets: torch.Tensor) -> bool:
     )
 
 
-def lm_loss(model: GPTMini, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(
+    model: GPTMini, idx: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy of ``model`` on idx (B, T) against targets (B, T).
 
     Equal to ``model(idx, targets)[1]``, but the (B, T, vocab) logits are never stored, which
-    training, reading only the loss, does not need.
+    training, reading only the loss, does not need. ``chunk``: see linear_cross_entropy.
     """
     h = model.hidden_states(idx)  # (B, T, C)
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
     if fused_ok(h, targets):
-        return linear_cross_entropy(h, model.lm_head.weight, targets, return_logits=False)
+        return linear_cross_entropy(h, model.lm_head.weight, targets, False, chunk)
     return F.cross_entropy(model.lm_head(h).float(), targets)

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from pocketgpt.config import ModelConfig
 from pocketgpt.errors import ConfigError
 
-GPTConfig = ModelConfig  # the name nanoGPT readers look for: the same class
-
 
 class KVCache:
     """Keys and values of every layer for ``max_len`` slots, allocated once.

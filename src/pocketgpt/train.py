@@ -1,29 +1,37 @@
 """One training job, from a composed config to a finished MLflow run.
 
-``train(cfg)`` builds the pieces (corpus, tokenizer, model, trainer, tracker) and runs them,
-recording everything in one MLflow run; it returns the final validation loss, which Hydra
-sweepers minimize. The command line (``pocketgpt-train``, ``python -m pocketgpt.train``) is
+``build(cfg)`` makes and checks every piece (runtime, resume checkpoint, corpus, tokenizer,
+model, trainer) before anything is recorded, so bad input leaves no MLflow run behind;
+``run(job)`` starts (or resumes) the run, trains, evaluates the test split, samples and logs the
+model. ``train(cfg)`` does both and returns the final validation loss, which Hydra sweepers
+minimize. The command line (``pocketgpt-train``, ``python -m pocketgpt.train``) is
 ``pocketgpt.cli.train``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
-from pocketgpt.checkpoint import (
-    CheckpointError,
-    config_hash,
-    find_resume_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
-from pocketgpt.config import TrainConfig, validate
+from pocketgpt.checkpoint import CheckpointWriter, Resume, config_hash, resolve_resume
+from pocketgpt.config import SamplingConfig, TrainConfig, TrainerConfig, validate
+from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, tokenize_corpus
+from pocketgpt.errors import ConfigError
+from pocketgpt.evaluation import EvalResult, evaluate
+from pocketgpt.model import GPTMini
+from pocketgpt.runtime import Runtime
+from pocketgpt.sampling import generate
+from pocketgpt.tokenizer import Tokenizer, build_tokenizer
+from pocketgpt.tracking.run import Tracker, flatten
+from pocketgpt.tracking.sweep import child_run_kwargs
+from pocketgpt.trainer import TrainData, Trainer, TrainerHooks, TrainResult
 
 
 def hydra_context() -> dict:
@@ -41,111 +49,162 @@ def hydra_context() -> dict:
     }
 
 
+@dataclass
+class TrainingJob:
+    """The pieces of one job, built and checked; nothing recorded yet."""
+
+    cfg: TrainConfig
+    resolved: dict  # the composed config as plain values (logged as params and config.yaml)
+    hydra: dict  # hydra_context()
+    runtime: Runtime
+    tracker: Tracker  # its MLflow run not started yet
+    resume: Resume | None
+    corpus: Corpus
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    splits: dict[str, TokenizedSplit]
+    model: GPTMini
+    trainer: Trainer
+    checkpoint_dir: Path | None
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished job produced."""
+
+    result: TrainResult
+    test: EvalResult
+    sample: str
+    logged_model: Any | None  # tracking.pyfunc's LoggedModelInfo, with tracking.log_model
+
+
 def train(dcfg: DictConfig) -> float:
     """Run one training job from a composed config; returns the final validation loss."""
-    import torch
+    return run(build(dcfg)).result.final_val.loss
 
-    from pocketgpt.data import load_corpus, tokenize_corpus
-    from pocketgpt.model import GPTMini
-    from pocketgpt.runtime import resolve_device
-    from pocketgpt.sampling import SamplingConfig, generate
-    from pocketgpt.tokenizer import build_tokenizer
-    from pocketgpt.tracking.run import Tracker
-    from pocketgpt.tracking.sweep import child_run_kwargs
-    from pocketgpt.trainer import Trainer, evaluate
 
+def build(dcfg: DictConfig) -> TrainingJob:
+    """Check the config and make every piece of the job, in a fixed order (the seed is set
+    before the model is built, so the same config gives the same numbers)."""
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     validate(cfg)
     hydra_ctx = hydra_context()
-    device = resolve_device(cfg.trainer.device)
+    runtime = Runtime.from_config(cfg.trainer)
     torch.manual_seed(cfg.trainer.seed)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
 
     resolved = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
     cfg_hash = config_hash(resolved)
     tracker = Tracker(cfg.tracking)
     tracker.check_reachable()  # before any slow work: a server that is down fails at once
-    resume_path = _find_resume(cfg, cfg_hash, tracker)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None and ckpt["meta"].get("config_hash") != cfg_hash:
-        raise CheckpointError(
-            f"checkpoint {resume_path} was written by a different config; resume with the "
-            f"overrides it was trained with, or set trainer.resume=null to start fresh"
-        )
+    resume = resolve_resume(cfg.trainer, cfg_hash, tracker)
+    if resume is None and cfg.trainer.resume == "auto":
+        print("trainer.resume=auto: no unfinished run of this config; starting fresh", flush=True)
 
     corpus = load_corpus(cfg.data, cfg.cache_dir)
     tokenizer, tokenizer_path = build_tokenizer(cfg.tokenizer, corpus.train, cfg.cache_dir)
     splits = tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
+    if cfg.model.vocab_size not in (None, tokenizer.vocab_size):
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's "
+            f"{tokenizer.vocab_size}; leave model.vocab_size null (it is the tokenizer's)"
+        )
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = GPTMini(model_cfg).to(device)
+    resolved["model"]["vocab_size"] = tokenizer.vocab_size  # logged as it was trained
+    model = GPTMini(model_cfg).to(runtime.device)
 
     # A resumed run keeps writing beside the checkpoint it came from (where resume=auto will
-    # look next time), unless that was a copy downloaded from MLflow (no meta.json beside it).
-    if resume_path and (resume_path.parent / "meta.json").exists():
-        checkpoint_dir = resume_path.parent
-    else:
-        checkpoint_dir = _checkpoint_dir(cfg, hydra_ctx)
+    # look next time), unless that was a copy downloaded from MLflow.
+    checkpoint_dir = (resume and resume.directory) or _checkpoint_dir(cfg, hydra_ctx)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = CheckpointWriter(
+            checkpoint_dir,
+            cfg.trainer.keep_checkpoints,
+            # Read at each write: the run id exists once run() has started the run.
+            meta=lambda: {
+                "config_hash": cfg_hash,
+                "tracking_uri": tracker.uri,
+                "mlflow_run_id": tracker.run_id,
+            },
+        )
+    hooks = TrainerHooks(
+        log_metrics=tracker.log_metrics,
+        on_checkpoint=_mlflow_checkpoint_copier(tracker, cfg.trainer),
+    )
     # Built before the MLflow run starts, so that a corpus too small for one batch fails
     # without leaving a run behind.
     trainer = Trainer(
         model,
-        splits["train"],
-        splits["validation"],
-        cfg.optim,
+        TrainData(splits["train"], splits["validation"], cfg.data.block_size, cfg.data.stride),
         cfg.trainer,
-        cfg.data.block_size,
-        cfg.data.stride,
-        device,
+        cfg.optim,
+        runtime,
+        hooks=hooks,
+        checkpoints=checkpoints,
+        resume=resume.checkpoint if resume else None,
+    )
+    return TrainingJob(
+        cfg=cfg,
+        resolved=resolved,
+        hydra=hydra_ctx,
+        runtime=runtime,
+        tracker=tracker,
+        resume=resume,
+        corpus=corpus,
+        tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path,
+        splits=splits,
+        model=model,
+        trainer=trainer,
         checkpoint_dir=checkpoint_dir,
-        checkpoint_meta={"config_hash": cfg_hash, "tracking_uri": tracker.uri},
-        resume=ckpt,
     )
 
+
+def run(job: TrainingJob) -> TrainOutcome:
+    """Start (or resume) the MLflow run and train, test, sample and log the model in it; the
+    run ends FINISHED, FAILED or KILLED (Ctrl-C) whatever happens."""
+    cfg, tracker, model, runtime = job.cfg, job.tracker, job.model, job.runtime
     tags = {
         "pocketgpt.version": __version__,
-        "hydra.overrides": " ".join(hydra_ctx["overrides"]) or "(none)",
+        "hydra.overrides": " ".join(job.hydra["overrides"]) or "(none)",
     }
-    if hydra_ctx["job_num"] is not None:
-        tags["hydra.job.num"] = str(hydra_ctx["job_num"])
-    if checkpoint_dir is not None:
-        tags["pocketgpt.checkpoint_dir"] = str(checkpoint_dir.resolve())
-    resumed = ckpt is not None and tracker.resume(ckpt["meta"].get("mlflow_run_id", ""))
+    if job.hydra["job_num"] is not None:
+        tags["hydra.job.num"] = str(job.hydra["job_num"])
+    if job.checkpoint_dir is not None:
+        tags["pocketgpt.checkpoint_dir"] = str(job.checkpoint_dir.resolve())
+    resumed = job.resume is not None and tracker.resume(job.resume.run_id)
     if not resumed:
         # In a multirun, a child of the sweep's parent run (pocketgpt.sweep).
-        tracker.start(**child_run_kwargs(cfg.tracking.run_name, tags, hydra_ctx))
+        tracker.start(**child_run_kwargs(cfg.tracking.run_name, tags, job.hydra))
     status = "FAILED"
     try:
+        train_tokens = len(job.splits["train"].tokens)
         if resumed:
-            print(f"resuming MLflow run {tracker.run_id} from {resume_path}", flush=True)
+            print(f"resuming MLflow run {tracker.run_id} from {job.resume.path}", flush=True)
         else:
-            _log_run_inputs(tracker, resolved, hydra_ctx, tokenizer_path)
+            _log_run_inputs(tracker, job.resolved, job.hydra, job.tokenizer_path)
             tracker.log_params(
                 {
-                    "derived.vocab_size": tokenizer.vocab_size,
+                    "derived.vocab_size": job.tokenizer.vocab_size,
                     "derived.n_params": model.num_params(),
-                    "derived.device": str(device),
-                    "derived.train_tokens": len(splits["train"].tokens),
-                    "derived.corpus": corpus.name,
+                    "derived.device": str(runtime.device),
+                    "derived.train_tokens": train_tokens,
+                    "derived.corpus": job.corpus.name,
                 }
             )
-
         print(
             f"pocketgpt {__version__}: {model.num_params():,} parameters, vocab "
-            f"{tokenizer.vocab_size}, {len(splits['train'].tokens):,} train tokens, on {device}",
+            f"{job.tokenizer.vocab_size}, {train_tokens:,} train tokens, on {runtime.device}",
             flush=True,
         )
-        trainer.log_metrics = tracker.log_metrics
-        trainer.checkpoint_meta["mlflow_run_id"] = tracker.run_id
-        trainer.on_checkpoint = _mlflow_checkpoint_copier(tracker, cfg.trainer)
-        result = trainer.fit()
+        result = job.trainer.fit()
         test = evaluate(
             model,
-            splits["test"],
+            job.splits["test"],
             cfg.data.block_size,
             cfg.trainer.batch_size,
-            device,
-            cfg.trainer.precision,
+            runtime.device,
+            runtime.precision,
             cfg.trainer.eval_max_batches,
         )
         # time_*: seconds of training spent on data, compute, tracking, progress, eval, ...
@@ -154,18 +213,7 @@ def train(dcfg: DictConfig) -> float:
             {**test.as_metrics("test"), "best_val_loss": result.best_val_loss, **timings},
             result.steps,
         )
-
-        prompt = torch.tensor([tokenizer.encode(cfg.trainer.sample_prompt)], device=device)
-        new = generate(
-            model,
-            prompt,
-            SamplingConfig(max_new_tokens=cfg.trainer.sample_tokens),
-            eos_id=tokenizer.eos_id,
-        )
-        sample = cfg.trainer.sample_prompt + tokenizer.decode(new[0].tolist())
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "sample.txt").write_text(sample + "\n")
-            tracker.log_artifact(Path(tmp) / "sample.txt")
+        sample = _sample(job)
         logged = None
         if cfg.tracking.log_model:
             # An MLflow Model (pyfunc from code, safetensors weights) linked to this run.
@@ -175,7 +223,7 @@ def train(dcfg: DictConfig) -> float:
                 tracker.client,
                 tracker.run_id,
                 model,
-                tokenizer_path,
+                job.tokenizer_path,
                 step=result.steps,
                 register_as=cfg.tracking.register_as,
             )
@@ -188,12 +236,29 @@ def train(dcfg: DictConfig) -> float:
             f"MLflow: {tracker.run_url()}" + (f"\nmodel: {logged.describe()}" if logged else ""),
             flush=True,
         )
-        return final.loss
+        return TrainOutcome(result, test, sample, logged)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         tracker.end(status)
+
+
+def _sample(job: TrainingJob) -> str:
+    """A greedy continuation of trainer.sample_prompt, logged as sample.txt."""
+    cfg = job.cfg.trainer
+    prompt = torch.tensor([job.tokenizer.encode(cfg.sample_prompt)], device=job.runtime.device)
+    new = generate(
+        job.model,
+        prompt,
+        SamplingConfig(max_new_tokens=cfg.sample_tokens),
+        eos_id=job.tokenizer.eos_id,
+    )
+    sample = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sample.txt").write_text(sample + "\n")
+        job.tracker.log_artifact(Path(tmp) / "sample.txt")
+    return sample
 
 
 def _checkpoint_dir(cfg: TrainConfig, hydra_ctx: dict) -> Path | None:
@@ -204,51 +269,7 @@ def _checkpoint_dir(cfg: TrainConfig, hydra_ctx: dict) -> Path | None:
     return None  # called outside Hydra without a checkpoint_dir: no checkpoints
 
 
-def _find_resume(cfg: TrainConfig, cfg_hash: str, tracker) -> Path | None:
-    """trainer.resume -> a checkpoint file, or None to start fresh."""
-    resume = cfg.trainer.resume
-    if not resume:
-        return None
-    if re.fullmatch(r"[0-9a-f]{32}", resume):  # an MLflow run id
-        return _checkpoint_of_run(tracker, resume)
-    roots = [Path("outputs"), Path("multirun")]
-    if cfg.trainer.checkpoint_dir:
-        roots.insert(0, Path(cfg.trainer.checkpoint_dir))
-    path = find_resume_checkpoint(resume, roots, cfg_hash)
-    if path is None:
-        print("trainer.resume=auto: no unfinished run of this config; starting fresh", flush=True)
-    return path
-
-
-def _checkpoint_of_run(tracker, run_id: str) -> Path:
-    """The newest checkpoint of an MLflow run: its local folder, else its artifacts."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = tracker.client.get_run(run_id)
-    except MlflowException:
-        raise CheckpointError(
-            f"trainer.resume={run_id}: no such run in {tracker.uri}; check the run id or "
-            f"tracking.uri"
-        ) from None
-    local = run.data.tags.get("pocketgpt.checkpoint_dir")
-    if local and list_checkpoints(local):
-        return list_checkpoints(local)[-1]
-    names = sorted(a.path for a in tracker.client.list_artifacts(run_id, "checkpoints"))
-    if not names:
-        raise CheckpointError(
-            f"trainer.resume={run_id}: the run has no checkpoints (locally or in MLflow); "
-            f"train with trainer.checkpoint_to_mlflow=true to keep them in the store"
-        )
-    target = Path(tempfile.mkdtemp(prefix="pocketgpt-resume-"))
-    local_file = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=names[-1], dst_path=str(target), tracking_uri=tracker.uri
-    )
-    return Path(local_file)
-
-
-def _mlflow_checkpoint_copier(tracker, trainer_cfg):
+def _mlflow_checkpoint_copier(tracker: Tracker, trainer_cfg: TrainerConfig):
     if not trainer_cfg.checkpoint_to_mlflow:
         return None
 
@@ -259,10 +280,8 @@ def _mlflow_checkpoint_copier(tracker, trainer_cfg):
     return copy
 
 
-def _log_run_inputs(tracker, resolved: dict, hydra_ctx: dict, tokenizer_path: Path) -> None:
+def _log_run_inputs(tracker: Tracker, resolved: dict, hydra_ctx: dict, tokenizer_path: Path):
     """Params (the flattened config) and the input artifacts of a new run."""
-    from pocketgpt.tracking.run import flatten
-
     tracker.log_params(flatten(resolved))
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.yaml"

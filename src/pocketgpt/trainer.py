@@ -1,4 +1,10 @@
-"""The training loop: optimizer, schedule, mixed precision, evaluation and early stopping."""
+"""The training loop: steps, the logging and evaluation cadence, early stopping, checkpoints,
+Ctrl-C and SIGTERM, and where the time goes.
+
+The rooms it draws on: ``runtime`` (device, precision, compile), ``optim`` (optimizer and
+schedule), ``evaluation`` (validation figures), ``checkpoint`` (writing them). What the loop
+reports goes through ``TrainerHooks``, given at construction.
+"""
 
 from __future__ import annotations
 
@@ -14,204 +20,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pocketgpt.checkpoint import (
-    checkpoint_name,
-    prune,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    write_meta,
-)
-from pocketgpt.config import ConfigError, OptimConfig, TrainerConfig
+from pocketgpt.checkpoint import CheckpointWriter, rng_state, set_rng_state
+from pocketgpt.config import OptimConfig, TrainerConfig
 from pocketgpt.data import TokenizedSplit, TokenWindows
-from pocketgpt.errors import NonFiniteLossError
+from pocketgpt.errors import ConfigError, NonFiniteLossError
+from pocketgpt.evaluation import EvalResult, evaluate
+from pocketgpt.fused_loss import lm_loss
 from pocketgpt.model import GPTMini
-
-LN2 = math.log(2)
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda, else mps, else cpu; a requested device that is missing is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer.device=cuda but no CUDA device is available; use trainer.device=cpu"
-        )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=cpu")
-    return torch.device(name)
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on a CUDA GPU that supports it, else fp16 on CUDA; fp32 elsewhere.
-
-    On CPUs autocast to bf16 was measured far slower than fp32 (no native bf16 matmuls on this
-    AVX2 machine; see BENCHMARKS.md), and MPS autocast is not mature enough to be a default.
-    """
-    precision = str(precision).lower()
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_context(device: torch.device, precision: str):
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
-
-
-def should_compile(setting: str, device: torch.device) -> bool:
-    """auto: compile on CUDA only; on the CPU it measured no faster than the eager fused loss
-    and costs 30-40 s of compiling (BENCHMARKS.md, section (a))."""
-    setting = str(setting).lower()
-    if setting == "auto":
-        return device.type == "cuda"
-    return setting == "true"
-
-
-_ALLOCATOR_TUNED = False
-
-
-def tune_cpu_allocator() -> str:
-    """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
-
-    glibc serves blocks above its mmap threshold (at most 32 MB, so always the 64 MB logits at
-    GPTMini's default shape) with fresh pages from the kernel and unmaps them on free, so every
-    step pays page faults on first touch of each large tensor; raising the mmap and trim
-    thresholds lets a step reuse the previous step's pages. Process-wide, idempotent, glibc
-    only; returns what it did, for the log.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return "glibc malloc keeps freed pages"
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "default malloc"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        return "default malloc"
-    _ALLOCATOR_TUNED = bool(ok)
-    return "glibc malloc keeps freed pages" if ok else "default malloc"
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def build_optimizer(
-    model: GPTMini, cfg: OptimConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    """Weight decay on matrices (Linear weights, embeddings), none on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            groups,
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-            fused=device.type in ("cuda", "cpu"),
-        )
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    raise ConfigError(f"optim.name={cfg.name!r} is not adamw or sgd")
-
-
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at total_steps.
-
-    >>> round(lr_factor(0, OptimConfig(warmup_steps=10), 100), 2)
-    0.1
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    bpb: float  # bits per UTF-8 byte: comparable across tokenizers
-    tokens: int
-
-    def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {
-            f"{prefix}_loss": self.loss,
-            f"{prefix}_ppl": self.perplexity,
-            f"{prefix}_bpb": self.bpb,
-        }
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    split: TokenizedSplit,
-    block_size: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    max_batches: int | None = None,
-) -> EvalResult:
-    """Mean next-token loss over the split's non-overlapping windows.
-
-    Bits per byte = loss / ln 2 * tokens / bytes, using the split's own tokens-per-byte ratio.
-    """
-    was_training = model.training
-    model.eval()
-    windows = TokenWindows(split.tokens, block_size)
-    total, count = 0.0, 0
-    for i, (x, y) in enumerate(windows.sequential_batches(batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, precision):
-            # GPTMini.loss: the same mean loss without storing the (B, T, vocab) logits.
-            loss = model.loss(x, y) if isinstance(model, GPTMini) else model(x, y)[1]
-        total += loss.item() * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    if count == 0:
-        raise ConfigError(
-            f"the evaluation split has {len(split.tokens)} tokens, fewer than one window of "
-            f"{block_size + 1}; use a larger split or a smaller data.block_size"
-        )
-    loss = total / count
-    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / LN2 / split.bytes_per_token, count)
-
-
-# --------------------------------------------------------------------------- training
+from pocketgpt.optim import build_optimizer, describe_optimizer, lr_factor, set_lr
+from pocketgpt.runtime import Runtime
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -250,6 +67,28 @@ class _GracefulStop:
             signal.signal(sig, handler)
 
 
+def _ignore_metrics(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+@dataclass
+class TrainerHooks:
+    """Where the loop reports; called only inside ``fit``."""
+
+    log_metrics: Callable[[dict[str, float], int], None] = _ignore_metrics
+    on_checkpoint: Callable[[Path], None] | None = None  # after each checkpoint is on disk
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What the loop trains and validates on."""
+
+    train: TokenizedSplit
+    validation: TokenizedSplit
+    block_size: int  # tokens of context per window
+    stride: int | None = None  # distance between training windows' starts; None = block_size
+
+
 @dataclass
 class LoopState:
     """Everything the loop carries from step to step, saved in each checkpoint."""
@@ -279,68 +118,59 @@ class TrainResult:
     # Seconds of fit() spent in each part: data (batches), compute (forward, backward, optimizer),
     # tracking (log_metrics), progress (the bar), eval, checkpoint, and total (all of fit).
     timings: dict[str, float] = field(default_factory=dict)
+    # Each validation pass of fit(): its step, train_seconds (fit's time before it, evaluations
+    # left out) and the EvalResult fields: a validation curve against training time.
+    evals: list[dict] = field(default_factory=list)
 
 
 TIMING_KEYS = ("data", "compute", "tracking", "progress", "eval", "checkpoint", "total")
 
 
 class Trainer:
-    """Runs the optimization loop and reports metrics through ``log_metrics(metrics, step)``.
+    """Runs the optimization loop on ``data`` and reports through ``hooks``.
 
-    With a ``checkpoint_dir`` it writes a checkpoint every ``trainer.checkpoint_interval`` steps,
-    at the end, and when interrupted (Ctrl-C); ``resume`` (a loaded checkpoint) continues a run
+    With ``checkpoints`` it writes a checkpoint every ``trainer.checkpoint_interval`` steps, at
+    the end, and when interrupted (Ctrl-C); ``resume`` (a loaded checkpoint) continues a run
     exactly where that checkpoint left it.
     """
 
     def __init__(
         self,
         model: GPTMini,
-        train: TokenizedSplit,
-        validation: TokenizedSplit,
-        optim_cfg: OptimConfig,
+        data: TrainData,
         cfg: TrainerConfig,
-        block_size: int,
-        stride: int | None,
-        device: torch.device,
-        log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
-        checkpoint_dir: Path | None = None,
-        checkpoint_meta: dict | None = None,
-        on_checkpoint: Callable[[Path], None] | None = None,
+        optim_cfg: OptimConfig,
+        runtime: Runtime,
+        hooks: TrainerHooks | None = None,
+        checkpoints: CheckpointWriter | None = None,
         resume: dict | None = None,
     ):
         self.raw_model = model
         self.cfg = cfg
         self.optim_cfg = optim_cfg
-        self.device = device
-        self.block_size = block_size
-        self.train_windows = TokenWindows(train.tokens, block_size, stride)
-        self.validation = validation
-        self.log_metrics = log_metrics
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_meta = checkpoint_meta or {}
-        self.on_checkpoint = on_checkpoint
+        self.runtime = runtime
+        self.device = runtime.device
+        self.block_size = data.block_size
+        self.train_windows = TokenWindows(data.train.tokens, data.block_size, data.stride)
+        self.validation = data.validation
+        self.hooks = hooks or TrainerHooks()
+        self.checkpoints = checkpoints
         self.batches_per_epoch = len(self.train_windows) // cfg.batch_size
         if self.batches_per_epoch < cfg.grad_accum:
             raise ConfigError(
-                f"the train split gives {len(self.train_windows)} windows of {block_size + 1} "
-                f"tokens, fewer than one step of trainer.batch_size={cfg.batch_size} x "
-                f"trainer.grad_accum={cfg.grad_accum}; lower them or use more data"
+                f"the train split gives {len(self.train_windows)} windows of "
+                f"{data.block_size + 1} tokens, fewer than one step of trainer.batch_size="
+                f"{cfg.batch_size} x trainer.grad_accum={cfg.grad_accum}; lower them or use "
+                f"more data"
             )
         self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
         self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
-        self.precision = resolve_precision(cfg.precision, device)
-        self.compiled = should_compile(cfg.compile, device)
-        self.allocator = tune_cpu_allocator() if device.type == "cpu" else "default"
-        self.model = torch.compile(model) if self.compiled else model
-        # Training reads only the loss: GPTMini.loss skips storing the (B, T, vocab) logits.
+        self.model = torch.compile(model) if runtime.compiled else model
+        # Training reads only the loss: lm_loss skips storing the (B, T, vocab) logits.
         # A compiled model goes through forward, which torch.compile fuses itself.
-        self._loss = (
-            model.loss
-            if not self.compiled and hasattr(model, "loss")
-            else (lambda x, y: self.model(x, y)[1])
-        )
-        self.optimizer = build_optimizer(model, optim_cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self._lm_loss = not runtime.compiled and isinstance(model, GPTMini)
+        self.optimizer = build_optimizer(model, optim_cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.precision == "fp16")
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
@@ -349,24 +179,7 @@ class Trainer:
 
     def describe(self) -> str:
         """One line: what the trainer chose for this device, and why (printed by fit)."""
-        cfg, dev = self.cfg, self.device
-        precision = self.precision + (
-            f" (auto on {dev.type})" if str(cfg.precision).lower() == "auto" else ""
-        )
-        compiled = ("on" if self.compiled else "off") + (
-            f" (auto on {dev.type})" if str(cfg.compile).lower() == "auto" else ""
-        )
-        threads = f"{torch.get_num_threads()}" + ("" if cfg.threads else " (torch default)")
-        opt = type(self.optimizer).__name__
-        if self.optimizer.defaults.get("fused"):
-            opt += " fused"
-        fused_head = dev.type == "cpu" and self.precision == "fp32" and not self.compiled
-        return (
-            f"trainer: device {dev}, precision {precision}, compile {compiled}, threads "
-            f"{threads}, {opt}, "
-            + ("fused chunked head+loss, " if fused_head else "")
-            + self.allocator
-        )
+        return self.runtime.describe(describe_optimizer(self.optimizer))
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -379,40 +192,29 @@ class Trainer:
         set_rng_state(ckpt["rng"])
 
     def save_checkpoint(self, finished: bool = False) -> Path | None:
-        if self.checkpoint_dir is None:
+        """Checkpoint the last complete step (None without a checkpoint folder)."""
+        if self.checkpoints is None:
             return None
         t0 = time.perf_counter()
         try:
-            return self._save_checkpoint(finished)
+            step = self.state.step
+            epoch, batch = divmod(step * self.cfg.grad_accum, self.batches_per_epoch)
+            state = {
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "rng": rng_state(),
+                "loop": self.state.to_dict(),
+                # The data position follows from the step; stored too, for people reading it.
+                "data": {"epoch": epoch, "batch_in_epoch": batch},
+            }
+            path = self.checkpoints.write(step, state, finished)
+            self.last_checkpoint = path
+            if self.hooks.on_checkpoint is not None:
+                self.hooks.on_checkpoint(path)
+            return path
         finally:
             self.timings["checkpoint"] += time.perf_counter() - t0
-
-    def _save_checkpoint(self, finished: bool) -> Path:
-        step = self.state.step
-        epoch, batch = divmod(step * self.cfg.grad_accum, self.batches_per_epoch)
-        payload = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": rng_state(),
-            "loop": self.state.to_dict(),
-            # The data position follows from the step; stored too, for people reading it.
-            "data": {"epoch": epoch, "batch_in_epoch": batch},
-            "meta": {**self.checkpoint_meta, "step": step, "finished": finished},
-        }
-        # meta.json (what resume=auto matches on) is written before the first checkpoint can
-        # appear, so a kill right after any checkpoint still finds it; "finished" only after
-        # the final one is safely on disk.
-        meta = {**self.checkpoint_meta, "step": step, "finished": False}
-        write_meta(self.checkpoint_dir, meta)
-        path = save_checkpoint(self.checkpoint_dir / checkpoint_name(step), payload)
-        if finished:
-            write_meta(self.checkpoint_dir, {**meta, "finished": True})
-        prune(self.checkpoint_dir, self.cfg.keep_checkpoints)
-        self.last_checkpoint = path
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(path)
-        return path
 
     # ----------------------------------------------------------------- the loop
 
@@ -438,9 +240,14 @@ class Trainer:
             self.block_size,
             self.cfg.batch_size,
             self.device,
-            self.precision,
+            self.runtime.precision,
             self.cfg.eval_max_batches,
         )
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._lm_loss:
+            return lm_loss(self.raw_model, x, y)
+        return self.model(x, y)[1]
 
     def _train_step(self, batches) -> tuple[float, torch.Tensor] | None:
         """One optimizer step over grad_accum micro-batches -> (mean loss, grad norm).
@@ -455,7 +262,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             t1 = time.perf_counter()
             timings["data"] += t1 - t0
-            with autocast_context(self.device, self.precision):
+            with self.runtime.autocast():
                 loss = self._loss(x, y)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             # On the CPU .item() costs nothing (no device queue to drain) and the finite check
@@ -497,6 +304,7 @@ class Trainer:
         batches = self._batches(st.step)
         stopped_early = False
         history: list[dict] = []
+        evals: list[dict] = []
         start = window_start = clock()
         eval_time = 0.0
         bar = tqdm(
@@ -510,7 +318,7 @@ class Trainer:
 
         def log(metrics: dict[str, float], step: int) -> None:
             t0 = clock()
-            self.log_metrics(metrics, step)
+            self.hooks.log_metrics(metrics, step)
             timings["tracking"] += clock() - t0
 
         def write(line: str) -> None:
@@ -523,6 +331,7 @@ class Trainer:
             t0 = clock()
             result = self._evaluate()
             spent = clock() - t0
+            evals.append({"step": st.step, "train_seconds": t0 - start - eval_time, **vars(result)})
             eval_time += spent
             timings["eval"] += spent
             window_start += spent  # keep evaluation out of tokens/s
@@ -541,8 +350,7 @@ class Trainer:
                 st.best_val_loss = run_evaluation().loss
             while st.step < self.total_steps:
                 lr = self.optim_cfg.lr * lr_factor(st.step, self.optim_cfg, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(self.optimizer, lr)
                 out = self._train_step(batches)
                 st.step += 1
                 t0 = clock()
@@ -615,4 +423,5 @@ class Trainer:
             history=history,
             last_checkpoint=self.last_checkpoint,
             timings=dict(timings),
+            evals=evals,
         )

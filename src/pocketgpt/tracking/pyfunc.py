@@ -106,8 +106,9 @@ class PocketGPTModel(mlflow.pyfunc.PythonModel):
     """pyfunc: prompts -> generated continuations (the text after each prompt, up to <eos>).
 
     Input: a list of strings, or a one-column DataFrame of them (MLflow's schema enforcement
-    turns both into a DataFrame). Params: see PARAM_TYPES. ``model_config`` at load:
-    ``device`` (default cpu) and ``threads`` (torch threads for the process; default unchanged).
+    turns both into a DataFrame). Params: every SamplingConfig field (``param_types``).
+    ``model_config`` at load: ``device`` (default cpu) and ``threads`` (torch threads for the
+    process; default unchanged).
     """
 
     def load_context(self, context) -> None:

@@ -1,0 +1,74 @@
+"""Evaluation: mean next-token loss, perplexity and bits per byte over a split.
+
+Its own room rather than part of the loop: the trainer evaluates the validation split with it,
+the job evaluates the test split after training, and the benchmarks measure other models with
+the same instrument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pocketgpt.data import TokenizedSplit, TokenWindows
+from pocketgpt.errors import ConfigError
+from pocketgpt.fused_loss import lm_loss
+from pocketgpt.model import GPTMini
+from pocketgpt.runtime import autocast_context
+
+LN2 = math.log(2)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bpb: float  # bits per UTF-8 byte: comparable across tokenizers
+    tokens: int
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}_loss": self.loss,
+            f"{prefix}_ppl": self.perplexity,
+            f"{prefix}_bpb": self.bpb,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    split: TokenizedSplit,
+    block_size: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    max_batches: int | None = None,
+) -> EvalResult:
+    """Mean next-token loss over the split's non-overlapping windows.
+
+    Any model whose ``model(x, y)`` returns (logits, loss) works. Bits per byte = loss / ln 2 *
+    tokens / bytes, using the split's own tokens-per-byte ratio.
+    """
+    was_training = model.training
+    model.eval()
+    windows = TokenWindows(split.tokens, block_size)
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(windows.sequential_batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device, precision):
+            # lm_loss: the same mean loss without storing the (B, T, vocab) logits.
+            loss = lm_loss(model, x, y) if isinstance(model, GPTMini) else model(x, y)[1]
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ConfigError(
+            f"the evaluation split has {len(split.tokens)} tokens, fewer than one window of "
+            f"{block_size + 1}; use a larger split or a smaller data.block_size"
+        )
+    loss = total / count
+    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / LN2 / split.bytes_per_token, count)
