@@ -40,6 +40,7 @@ def test_precision_config_choices(compose_cfg):
     assert "expected one of [auto, fp32, bf16, fp16]" in str(info.value.__cause__)
 
 
+@pytest.mark.slow  # trains
 def test_trainer_logs_its_choices_and_timings(compose_cfg, tmp_path, capsys):
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()

@@ -20,6 +20,8 @@ from pocketgpt.train import train
 
 from .conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here trains, most in subprocesses
+
 # Slow enough per step (tens of ms) that a kill lands mid-run, fast enough for CI.
 RESUME = [
     *TINY,

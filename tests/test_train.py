@@ -14,6 +14,8 @@ from pocketgpt.train import train
 
 from .conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here trains or spawns the command
+
 
 @pytest.fixture
 def store(tmp_path):
