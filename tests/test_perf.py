@@ -10,8 +10,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pocketgpt.config import validate
-from pocketgpt.runtime import autocast_context, resolve_precision
+from pocketgpt.config import TrainerConfig, validate
+from pocketgpt.errors import ConfigError
+from pocketgpt.runtime import (
+    Runtime,
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+    should_compile,
+)
 from pocketgpt.train import train
 
 from .conftest import TINY
@@ -24,6 +31,34 @@ def test_precision_auto():
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16"
     assert isinstance(autocast_context(cpu, "auto"), type(autocast_context(cpu, "fp32")))
+
+
+@pytest.mark.parametrize("bf16_ok,expected", [(True, "bf16"), (False, "fp16")])
+def test_cuda_choices_without_a_gpu(monkeypatch, bf16_ok, expected):
+    """What auto picks on a CUDA machine, checked here with CUDA's answers simulated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    cuda = torch.device("cuda")
+    assert resolve_device("auto") == cuda and resolve_device("cuda") == cuda
+    assert resolve_precision("auto", cuda) == expected
+    assert resolve_precision("fp32", cuda) == "fp32"
+    assert should_compile("auto", cuda) and not should_compile("false", cuda)
+    assert should_compile("true", torch.device("cpu")) and not should_compile(
+        "auto", torch.device("cpu")
+    )
+    runtime = Runtime.from_config(TrainerConfig(device="cuda"))
+    assert (runtime.precision, runtime.compiled, runtime.fused_head) == (expected, True, False)
+    assert runtime.allocator == "default"  # the glibc tuning is for CPU training only
+    line = runtime.describe("AdamW fused")
+    assert f"precision {expected} (auto on cuda), compile on (auto on cuda)" in line
+
+
+def test_a_missing_device_is_a_one_line_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.device=cuda but no cuda device is available"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device='tpu' is not a torch device"):
+        resolve_device("tpu", "device")
 
 
 def test_precision_config_choices(compose_cfg):
