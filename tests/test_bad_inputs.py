@@ -77,17 +77,29 @@ CATALOGUE = [
             f"tokenizer-{k}",
             lambda t, k=k: ["tokenizer=hf_file", f"tokenizer.path={_tokenizer_json(t, k)}"],
             2,
-            "tok",
+            needle,
         )
-        for k in ("missing", "truncated", "foreign")
+        for k, needle in {
+            "missing": "missing-tokenizer.json: no such tokenizer file",
+            "truncated": "tok.json: not valid JSON (truncated or corrupt?)",
+            "foreign": "tok.json: not a Hugging Face tokenizer.json (no 'model' object)",
+        }.items()
     ],
     *[
-        (f"bpe-file-{k}", lambda t, k=k: [f"tokenizer.path={_tokenizer_json(t, k)}"], 2, "tok")
-        for k in ("missing", "truncated", "foreign")
+        (f"bpe-file-{k}", lambda t, k=k: [f"tokenizer.path={_tokenizer_json(t, k)}"], 2, needle)
+        for k, needle in {
+            "missing": "missing-tokenizer.json: no such tokenizer file",
+            "truncated": "tok.json: not valid JSON (truncated or corrupt?)",
+            "foreign": "tok.json: not a pocketgpt BPE tokenizer file",
+        }.items()
     ],
     *[
-        (f"checkpoint-{k}", lambda t, k=k: [f"trainer.resume={_checkpoint(t, k)}"], 2, "checkpoint")
-        for k in ("missing", "corrupt", "foreign")
+        (f"checkpoint-{k}", lambda t, k=k: [f"trainer.resume={_checkpoint(t, k)}"], 2, needle)
+        for k, needle in {
+            "missing": "no-such-checkpoint.pt is not 'auto', a checkpoint file or folder, or an",
+            "corrupt": "ckpt-0000010.pt is corrupt or not a pocketgpt checkpoint",
+            "foreign": "foreign.pt is not a pocketgpt checkpoint",
+        }.items()
     ],
     ("data-missing", lambda t: _data(t, "missing"), 2, "missing.txt: no such file"),
     ("data-empty", lambda t: _data(t, "empty"), 2, "the file is empty"),
