@@ -72,10 +72,12 @@ def build_hf(seed: int = 0):
 
 
 def nanogpt_loop(model: GPTMini, idx: torch.Tensor, n: int) -> torch.Tensor:
-    """nanoGPT's generate, greedy: a full forward over the last max_len tokens per step."""
+    """nanoGPT's generate, greedy: a full forward over the last max_len tokens per step, the
+    head applied to the last position only (as nanoGPT's inference forward does)."""
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(idx[:, -model.config.max_len :])[:, -1]
+            hidden = model.hidden_states(idx[:, -model.config.max_len :])  # (B, T, C)
+            logits = model.lm_head(hidden[:, -1])  # (B, V)
             idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[:, -n:]
 
