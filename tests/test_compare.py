@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import stat
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pocketgpt.atomic import default_file_mode
 from pocketgpt.cli import compare as compare_cli
 from pocketgpt.config import TrackingConfig
-from pocketgpt.tracking.compare import compare
+from pocketgpt.tracking.compare import compare, plot_figure
 from pocketgpt.tracking.run import Tracker
 
 from .conftest import run_multirun, sweep_overrides
@@ -82,6 +86,37 @@ def test_plot_shows_the_validation_curves(swept, capsys, tmp_path):
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 300 and image.shape[1] > 600
     assert list(tmp_path.iterdir()) == [png]  # written atomically: no temp file left
+    assert stat.S_IMODE(png.stat().st_mode) == default_file_mode()  # not mkstemp's 0600
+
+
+def test_plot_has_one_labelled_curve_per_run_and_key(swept):
+    import matplotlib.pyplot as plt
+
+    _, uri, _ = swept
+    c = compare(EXPERIMENT, sweep="latest", tracking_uri=uri)
+    fig = plot_figure(c)
+    try:
+        axes = fig.axes
+        assert [ax.get_title() for ax in axes] == ["val_loss", "val_bpb"]
+        assert fig.texts[0].get_text().startswith(f"{EXPERIMENT}: sweep {c.sweep_id[:8]}")
+        for ax in axes:
+            key = ax.get_title()
+            runs = [r for r in c.runs if key in r.curves]
+            lines = ax.get_lines()
+            # all three jobs evaluated at least once (the failed one at step 0)
+            assert len(runs) == len(lines) == 3
+            labels = [line.get_label() for line in lines]
+            assert labels == [f"#{r.job} lr={r.params['optim.lr']}" for r in runs]
+            for line, r in zip(lines, runs):
+                steps, values = zip(*r.curves[key])
+                assert list(line.get_xdata()) == list(steps)
+                assert list(line.get_ydata()) == pytest.approx(list(values))
+        legend = axes[0].get_legend()
+        assert sorted(t.get_text() for t in legend.get_texts()) == sorted(labels)
+        lrs = sorted(label.split("lr=")[1] for label in labels)
+        assert lrs == ["0.001", "0.003", "1e+30"]
+    finally:
+        plt.close(fig)
 
 
 def test_alias_goes_to_the_best_runs_model_version(swept, capsys):
@@ -131,3 +166,14 @@ def test_default_store_is_mlruns_in_the_current_folder(swept, capsys, monkeypatc
     assert main([EXPERIMENT]) == 2
     assert capsys.readouterr().err.startswith("error: no MLflow store at ")
     assert not (root / "multirun" / "mlruns").exists()
+
+
+def test_an_unreachable_server_fails_fast(capsys):
+    """Nothing listens on port 9: one error line at once, not MLflow's minutes of retries."""
+    server = "http://127.0.0.1:9"
+    start = time.monotonic()
+    assert main([EXPERIMENT, "--tracking-uri", server, "--no-plot"]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the MLflow tracking server at {server} does not answer")
+    assert len(err.strip().splitlines()) == 1

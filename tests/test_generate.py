@@ -442,3 +442,18 @@ def test_concurrent_generate_calls_on_one_model():
         got = list(pool.map(lambda p: generate(m, p, cfg), prompts * 4))
     for i, out in enumerate(got):
         assert torch.equal(out, expected[i % len(prompts)]), i
+
+
+@pytest.mark.slow  # spawns the command
+@pytest.mark.parametrize("model_uri", ["models:/x/1", "best:pocketgpt"])
+def test_command_fails_fast_when_the_tracking_server_is_down(model_uri):
+    """Nothing listens on port 9: one error line at once, not MLflow's minutes of retries."""
+    import time
+
+    server = "http://127.0.0.1:9"
+    start = time.monotonic()
+    r = _cli(f"model_uri={model_uri}", f"tracking_uri={server}")
+    assert time.monotonic() - start < 10
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error: the MLflow tracking server at {server} does not answer")
+    assert r.stderr.count("\n") == 1 and r.stdout == ""

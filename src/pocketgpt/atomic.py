@@ -3,7 +3,8 @@
 Every file pocketgpt writes (checkpoints, token caches, tokenizers, model folders, sweep
 records, plots) goes through ``atomic_path``: the content is written to a temporary file in the
 target's folder, flushed to disk, then renamed over the target; on any error the temporary file
-is removed and the target is left as it was.
+is removed and the target is left as it was. The file gets the mode a plain ``open`` would give
+it (0666 less the umask), not ``mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
@@ -13,6 +14,24 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it process-wide, so a
+    set-and-restore would race with other threads creating files); 0o022 where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from a plain ``open``: 0666 less the umask."""
+    return 0o666 & ~_read_umask()
 
 
 @contextlib.contextmanager
@@ -33,6 +52,7 @@ def atomic_path(
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -66,7 +66,7 @@ class Comparison:
 
 
 def _client(uri: str | None) -> tuple[Any, str]:
-    from pocketgpt.tracking.store import make_client, tracking_uri
+    from pocketgpt.tracking.store import check_reachable, make_client, tracking_uri
 
     uri = tracking_uri(
         uri,
@@ -74,6 +74,7 @@ def _client(uri: str | None) -> tuple[Any, str]:
         error=CompareError,
         hint="run from the folder you trained in, or pass --tracking-uri URI",
     )
+    check_reachable(uri, error=CompareError, hint="start it, or pass --tracking-uri URI")
     return make_client(uri), uri
 
 
@@ -245,8 +246,12 @@ def _label(r: RunSummary, differing: Sequence[str]) -> str:
     return " ".join([head, *parts])[:60]
 
 
-def write_plot(c: Comparison, path: str | os.PathLike) -> Path:
-    """Validation curves (val_loss, and the metric when it is another one) as a PNG."""
+def plot_figure(c: Comparison) -> Any:
+    """The validation-curve figure: one panel per key (val_loss, and the metric when it is
+    another one), one line per run that logged the key, labelled by the run's differing params.
+
+    The caller closes it (``matplotlib.pyplot.close``); ``write_plot`` saves and closes it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,6 +273,14 @@ def write_plot(c: Comparison, path: str | os.PathLike) -> Path:
     what = f"sweep {c.sweep_id[:8]}" if c.sweep_id else "all runs"
     fig.suptitle(f"{c.experiment}: {what}")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(c: Comparison, path: str | os.PathLike) -> Path:
+    """``plot_figure`` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(c)
     out = Path(path)
     try:
         with atomic_path(out, suffix=".png") as tmp:  # savefig picks the format by the name

@@ -24,6 +24,7 @@ from pathlib import Path
 from pocketgpt.errors import ModelURIError
 from pocketgpt.model_io import mlmodel_artifacts
 from pocketgpt.tracking.store import (
+    check_reachable,
     make_client,
     registry_uri,
     tracking_uri,
@@ -33,8 +34,14 @@ _LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
 
 
 def store_uri(uri: str | None = None) -> str:
-    """The store a model URI is looked up in; it must exist."""
-    return tracking_uri(uri, create=False, error=ModelURIError)
+    """The store a model URI is looked up in; it must exist (a server must answer)."""
+    resolved = tracking_uri(uri, create=False, error=ModelURIError)
+    check_reachable(
+        resolved,
+        error=ModelURIError,
+        hint="start it, or pass tracking_uri= (or set MLFLOW_TRACKING_URI) to a running store",
+    )
+    return resolved
 
 
 def best_model_uri(

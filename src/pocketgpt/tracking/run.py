@@ -14,7 +14,12 @@ from typing import Any
 
 from pocketgpt.config import TrackingConfig
 from pocketgpt.errors import TrackingError
-from pocketgpt.tracking.store import artifact_location, make_client, tracking_uri
+from pocketgpt.tracking.store import (
+    artifact_location,
+    check_reachable,
+    make_client,
+    tracking_uri,
+)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -83,17 +88,12 @@ class Tracker:
 
     def check_reachable(self, timeout: float = 5.0) -> None:
         """Fail fast when a tracking server does not answer (MLflow itself retries for minutes)."""
-        if not self.uri.startswith(("http://", "https://")):
-            return
-        import requests
-
-        try:
-            requests.get(self.uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
-        except requests.RequestException as e:
-            raise TrackingError(
-                f"the MLflow tracking server at {self.uri} does not answer "
-                f"({type(e).__name__}); start it, or use tracking.uri=null for the local store"
-            ) from None
+        check_reachable(
+            self.uri,
+            error=TrackingError,
+            hint="start it, or use tracking.uri=null for the local store",
+            timeout=timeout,
+        )
 
     def resume(self, run_id: str) -> bool:
         """Continue an existing run (after a crash); False when this store does not have it."""
@@ -164,4 +164,8 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
     def run_url(self) -> str:
-        return f"experiment {self.experiment_id}, run {self.run_id} in {self.uri}"
+        """Where the run is: ``experiment 'NAME' (id ID), run RUN_ID in URI``."""
+        return (
+            f"experiment {self.cfg.experiment_name!r} (id {self.experiment_id}), "
+            f"run {self.run_id} in {self.uri}"
+        )

@@ -3,7 +3,8 @@
 Every command reads and writes the same store: ``tracking.uri`` (or a command's
 ``tracking_uri``), else ``$MLFLOW_TRACKING_URI``, else SQLite at ``./mlruns/mlflow.db`` with its
 artifacts beside it in ``./mlruns/artifacts``. Training creates that default store; readers
-(loading a model, compare) require it to exist.
+(loading a model, compare) require it to exist. A tracking server (``http(s)://``) must answer
+at once: ``check_reachable`` fails fast where MLflow itself would retry for minutes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ def tracking_uri(
     if not create and db is not None and not db.is_file():
         raise error(f"no MLflow store at {db}; {hint}")
     return resolved
+
+
+def check_reachable(
+    uri: str,
+    *,
+    error: type[PocketGPTError] = TrackingError,
+    hint: str = "start it, or pass the URI of a store that is running",
+    timeout: float = 5.0,
+) -> None:
+    """Raise ``error`` naming ``uri`` when the tracking server there does not answer ``/health``.
+
+    Only for ``http(s)://`` URIs (a file or database store has no server); MLflow's own client
+    would retry a refused connection for minutes before giving up.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as e:
+        raise error(
+            f"the MLflow tracking server at {uri} does not answer ({type(e).__name__}); {hint}"
+        ) from None
 
 
 def sqlite_path(uri: str) -> Path | None:
