@@ -161,8 +161,11 @@ class DataConfig:
 
     source: DataSource = DataSource.wikitext2_mini
     train: str | None = None  # files: one path or glob per split
-    validation: str | None = None
-    test: str | None = None
+    validation: str | None = None  # files: or null with validation_fraction
+    test: str | None = None  # files: optional; null = no test evaluation
+    # files without data.validation: hold out this fraction of the training lines (the last
+    # ones, a contiguous block) as the validation split
+    validation_fraction: float | None = None
     text_column: str = "text"  # parquet files: which column holds the text
     hub_name: str = "Salesforce/wikitext"
     hub_config: str = "wikitext-2-raw-v1"
@@ -175,8 +178,25 @@ class DataConfig:
             raise ConfigError(
                 f"data.stride={self.stride} must be positive (or null for block_size)"
             )
-        if self.source == DataSource.files and not self.train:
-            raise ConfigError("data=files needs data.train=PATH (and data.validation, data.test)")
+        f = self.validation_fraction
+        if f is not None and not (0.0 < f < 1.0):
+            raise ConfigError(f"data.validation_fraction={f} must be in (0, 1), e.g. 0.05")
+        if self.source == DataSource.files:
+            if not self.train:
+                raise ConfigError(
+                    "data=files needs data.train=PATH (and data.validation=PATH or "
+                    "data.validation_fraction=F; data.test=PATH is optional)"
+                )
+            if not self.validation and f is None:
+                raise ConfigError(
+                    "data=files needs a validation split: data.validation=PATH, or "
+                    "data.validation_fraction=F to hold out the last fraction F of data.train"
+                )
+            if self.validation and f is not None:
+                raise ConfigError(
+                    f"data.validation={self.validation} and data.validation_fraction={f} "
+                    f"both give the validation split; set only one"
+                )
 
 
 @dataclass

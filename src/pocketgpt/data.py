@@ -1,6 +1,8 @@
 """Corpus loading (through ``datasets``), cached tokenization, and training windows.
 
-Every source ends up as three strings (train, validation, test). Tokenized splits are cached as
+Every source ends up as three strings (train, validation, test); with ``data=files`` the test
+split is optional (None: no test evaluation) and the validation split may be held out of the
+training file (``data.validation_fraction``). Tokenized splits are cached as
 ``.npy`` token arrays keyed by the corpus and tokenizer fingerprints, and read back memory-mapped,
 so a second run neither re-tokenizes nor copies the token stream.
 """
@@ -30,18 +32,22 @@ CACHE_FORMAT = 1  # bump when the cached token layout changes
 
 @dataclass(frozen=True)
 class Corpus:
-    """Raw text of the three splits."""
+    """Raw text of the three splits; ``test`` is None when the source has no test split."""
 
     name: str
     train: str
     validation: str
-    test: str
+    test: str | None = None
 
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for split in SPLITS:
-            data = getattr(self, split).encode("utf-8")
+            text = getattr(self, split)
+            if text is None:
+                h.update(f"{split}:none:".encode())
+                continue
+            data = text.encode("utf-8")
             h.update(f"{split}:{len(data)}:".encode())
             h.update(data)
         return h.hexdigest()
@@ -133,8 +139,27 @@ def _load_hub(cfg: DataConfig, cache_dir: str | os.PathLike) -> dict[str, str]:
     return {split: "".join(row if row else " \n" for row in ds[split]["text"]) for split in SPLITS}
 
 
+def hold_out_tail(text: str, fraction: float, path: str) -> tuple[str, str]:
+    r"""Split ``text`` into (train, validation): validation is the last ``round(n * fraction)``
+    of its n lines, a contiguous block, so a document (a run of lines) never lands in both
+    splits and the held-out text reads as the file does. Deterministic: no seed involved.
+
+    >>> hold_out_tail("a\nb\nc\nd\n", 0.25, "t.txt")
+    ('a\nb\nc\n', 'd\n')
+    """
+    lines = text.splitlines(keepends=True)
+    k = round(len(lines) * fraction)
+    if not 0 < k < len(lines):
+        raise DataError(
+            f"data.train={path} has {len(lines)} lines, too few to hold out "
+            f"data.validation_fraction={fraction} of them; give data.validation=PATH, "
+            f"a larger fraction or a larger file"
+        )
+    return "".join(lines[:-k]), "".join(lines[-k:])
+
+
 def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
-    """Load the configured source into a Corpus of three text splits."""
+    """Load the configured source into a Corpus of three text splits (test possibly None)."""
     if cfg.source == "wikitext2_mini":
         directory = embedded_corpus_dir()
         files = {split: str(directory / f"{split}.txt.gz") for split in SPLITS}
@@ -145,12 +170,13 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
         texts = _load_hub(cfg, cache_dir)
         name = f"{cfg.hub_name}/{cfg.hub_config}"
     elif cfg.source == "files":
-        paths = {split: getattr(cfg, split) for split in SPLITS}
-        missing = [s for s, p in paths.items() if not p]
-        if missing:
+        paths = {split: getattr(cfg, split) for split in SPLITS if getattr(cfg, split)}
+        if "train" not in paths:
+            raise DataError("data=files needs data.train=PATH")
+        if "validation" not in paths and cfg.validation_fraction is None:
             raise DataError(
-                f"data=files needs a path for every split; missing: "
-                f"{', '.join(f'data.{s}' for s in missing)}"
+                "data=files needs a validation split: data.validation=PATH, or "
+                "data.validation_fraction=F to hold out the last fraction F of data.train"
             )
         for split, p in paths.items():
             matches = glob.glob(p)
@@ -161,12 +187,19 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
                     f"data.{split}={p}: the file is empty; the {split} split needs text"
                 )
         texts = _load_files(paths, cache_dir, cfg.text_column)
+        if "validation" not in texts:
+            texts["train"], texts["validation"] = hold_out_tail(
+                texts["train"], cfg.validation_fraction, cfg.train
+            )
         name = "files"
     else:
         raise DataError(f"data.source={cfg.source!r} is not wikitext2_mini, wikitext2 or files")
     for split, text in texts.items():
         if not text.strip():
-            raise DataError(f"the {split} split of {name} is empty")
+            how = ""
+            if name == "files" and not cfg.validation and split in ("train", "validation"):
+                how = f" (held out with data.validation_fraction={cfg.validation_fraction})"
+            raise DataError(f"the {split} split of {name} is empty{how}")
     return Corpus(name=name, **texts)
 
 
@@ -213,7 +246,8 @@ def _write_token_file(path: Path, text: str, tokenizer) -> None:
 def tokenize_corpus(
     corpus: Corpus, tokenizer, cache_dir: str | os.PathLike
 ) -> dict[str, TokenizedSplit]:
-    """Tokenize every split, or read them back from the cache."""
+    """Tokenize every split, or read them back from the cache; a split the corpus lacks
+    (test None) is absent from the result."""
     key = hashlib.sha256(
         f"{CACHE_FORMAT}:{corpus.fingerprint}:{tokenizer.fingerprint}".encode()
     ).hexdigest()[:24]
@@ -221,6 +255,8 @@ def tokenize_corpus(
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
     for split in SPLITS:
+        if getattr(corpus, split) is None:  # no test split: nothing to tokenize
+            continue
         path = directory / f"{split}.npy"
         if not path.exists():
             _write_token_file(path, getattr(corpus, split), tokenizer)
