@@ -206,3 +206,94 @@ def test_checkpoints_copied_to_mlflow_and_resumable_by_run_id(compose_cfg, tmp_p
     train(compose_cfg(*common, f"trainer.resume={run.info.run_id}"))
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run continued
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _runs(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_auto_resume_finds_the_jobs_own_hydra_run_dir(workdir, reference):
+    """hydra.run.dir outside ./outputs, no trainer.checkpoint_dir: a restart with the same
+    hydra.run.dir and resume=auto continues the same MLflow run from <run dir>/checkpoints."""
+    run_dir = workdir.parent / "myrun"
+    args = [*RESUME, f"hydra.run.dir={run_dir}", "tracking.experiment_name=rundir"]
+    proc = _cli(args, workdir)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= 6 for p in list_checkpoints(run_dir / "checkpoints")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["meta"]["step"]
+    assert 6 <= killed_at < 40
+
+    resumed = _cli([*args, "trainer.resume=auto"], workdir)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming MLflow run" in out and "starting fresh" not in out
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    (run,) = _runs(client, "rundir")  # the same run continued, no second one
+    assert run.info.status == "FINISHED"
+    final = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    assert final["meta"]["step"] == 40 and final["meta"]["mlflow_run_id"] == run.info.run_id
+    ref_id = _run_id(reference)
+    for key in ("train_loss", "val_loss"):
+        assert _history(client, run.info.run_id, key) == _history(client, ref_id, key), key
+
+
+def test_run_killed_before_its_first_checkpoint_is_not_left_running(workdir):
+    """kill -9 before any checkpoint: the restart (same hydra.run.dir, resume=auto) starts
+    fresh and marks the orphaned run KILLED, so no run says RUNNING forever."""
+    run_dir = workdir.parent / "early"
+    args = [
+        *RESUME,
+        f"hydra.run.dir={run_dir}",
+        "trainer.checkpoint_interval=1000",
+        "tracking.experiment_name=early",
+    ]
+    proc = _cli(args, workdir)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not _runs(client, "early"):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list_checkpoints(run_dir / "checkpoints")
+    (orphan,) = _runs(client, "early")
+    assert orphan.info.status == "RUNNING"
+
+    again = _cli([*args, "trainer.resume=auto"], workdir)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    assert f"marked MLflow run {orphan.info.run_id} KILLED" in out
+
+    runs = {r.info.run_id: r for r in _runs(client, "early")}
+    assert len(runs) == 2 and not [r for r in runs.values() if r.info.status == "RUNNING"]
+    assert runs[orphan.info.run_id].info.status == "KILLED"
+    assert "killed" in runs[orphan.info.run_id].data.tags["pocketgpt.end_reason"]
+    (new,) = [r for r in runs.values() if r.info.run_id != orphan.info.run_id]
+    assert new.info.status == "FINISHED"
+
+
+def test_auto_prefers_the_jobs_own_folder(tmp_path):
+    """resume=auto takes this job's own checkpoint folder before a newer run elsewhere."""
+    import json
+    import os
+
+    from pocketgpt.checkpoint import find_resume_checkpoint
+
+    own, other = tmp_path / "own" / "checkpoints", tmp_path / "outputs" / "x" / "checkpoints"
+    for i, d in enumerate((own, other)):
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"config_hash": "h", "finished": False}))
+        (d / "ckpt-0000003.pt").write_bytes(b"")
+        os.utime(d / "ckpt-0000003.pt", (1000 + i, 1000 + i))  # other is newer
+    roots = [own, tmp_path / "outputs"]
+    assert find_resume_checkpoint("auto", roots, "h") == other / "ckpt-0000003.pt"
+    assert find_resume_checkpoint("auto", roots, "h", own=[own]) == own / "ckpt-0000003.pt"
+    assert find_resume_checkpoint("auto", roots, "other-hash", own=[own]) is None

@@ -210,13 +210,17 @@ class Resume:
         return self.path.parent if (self.path.parent / "meta.json").exists() else None
 
 
-def resolve_resume(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Resume | None:
+def resolve_resume(
+    cfg: TrainerConfig, cfg_hash: str, tracker: Any, job_dir: str | os.PathLike | None = None
+) -> Resume | None:
     """trainer.resume -> the checkpoint to continue from, or None to start fresh.
 
-    ``tracker`` (with ``client`` and ``uri``) finds the checkpoints of an MLflow run id. A
-    checkpoint written by a different config (another ``config_hash``) is refused.
+    ``tracker`` (with ``client`` and ``uri``) finds the checkpoints of an MLflow run id;
+    ``job_dir`` is this job's own output folder (Hydra's ``hydra.runtime.output_dir``), where
+    resume=auto looks first. A checkpoint written by a different config (another
+    ``config_hash``) is refused.
     """
-    path = resume_path(cfg, cfg_hash, tracker)
+    path = resume_path(cfg, cfg_hash, tracker, job_dir)
     if path is None:
         return None
     ckpt = load_checkpoint(path)
@@ -228,7 +232,9 @@ def resolve_resume(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Resume | 
     return Resume(path, ckpt)
 
 
-def resume_path(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Path | None:
+def resume_path(
+    cfg: TrainerConfig, cfg_hash: str, tracker: Any, job_dir: str | os.PathLike | None = None
+) -> Path | None:
     """trainer.resume -> a checkpoint file, or None to start fresh (none set, or auto found no
     unfinished run of this config)."""
     resume = cfg.resume
@@ -236,32 +242,67 @@ def resume_path(cfg: TrainerConfig, cfg_hash: str, tracker: Any) -> Path | None:
         return None
     if re.fullmatch(r"[0-9a-f]{32}", resume):  # an MLflow run id
         return checkpoint_of_run(tracker, resume)
-    roots = [Path("outputs"), Path("multirun")]
-    if cfg.checkpoint_dir:
-        roots.insert(0, Path(cfg.checkpoint_dir))
-    return find_resume_checkpoint(resume, roots, cfg_hash)
+    own = [Path(cfg.checkpoint_dir)] if cfg.checkpoint_dir else []
+    if job_dir:
+        own.append(Path(job_dir) / "checkpoints")
+    roots = [*own, *hydra_roots(), Path("outputs"), Path("multirun")]
+    return find_resume_checkpoint(resume, roots, cfg_hash, own=own)
 
 
-def find_resume_checkpoint(resume: str, search_roots: list[Path], cfg_hash: str) -> Path | None:
+def hydra_roots() -> list[Path]:
+    """The folders Hydra puts this config's runs and sweeps in: the fixed leading part of
+    ``hydra.run.dir`` and ``hydra.sweep.dir`` (``outputs`` of ``outputs/${now:...}/...``; the
+    whole folder when it has no interpolation). A root that is the working folder or above
+    it is left out (searching it would walk the whole tree); none outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return []
+    hc = HydraConfig.get()
+    cwd = Path.cwd().resolve()
+    roots = []
+    for node in (hc.run, hc.sweep):
+        try:
+            pattern = str(OmegaConf.to_container(node, resolve=False)["dir"])
+        except Exception:  # noqa: BLE001 - an odd hydra config only narrows the search
+            continue
+        fixed = []
+        for part in Path(pattern).parts:
+            if "${" in part:
+                break
+            fixed.append(part)
+        if not fixed:
+            continue
+        root = Path(*fixed)
+        if root.resolve() == cwd or root.resolve() in cwd.parents:
+            continue
+        roots.append(root)
+    return roots
+
+
+def find_resume_checkpoint(
+    resume: str, search_roots: list[Path], cfg_hash: str, own: list[Path] = ()
+) -> Path | None:
     """Resolve a trainer.resume path setting to a checkpoint file.
 
-    - ``auto``: the newest checkpoint of an unfinished run with the same config hash under
-      search_roots (Hydra's outputs/ and multirun/ folders), or None to start fresh;
+    - ``auto``: the newest checkpoint of an unfinished run with the same config hash: in
+      ``own`` (this job's own checkpoint folders) first, else the newest under search_roots
+      (Hydra's outputs/ and multirun/ folders ...), or None to start fresh;
     - a checkpoint file, or a folder of them (its newest).
     """
     if resume == "auto":
-        candidates = []
+        for directory in own:
+            if _unfinished_run_of(directory, cfg_hash):
+                return list_checkpoints(directory)[-1]
+        candidates, seen = [], set()
         for root in search_roots:
-            if root.is_dir():
+            if root.is_dir() and root.resolve() not in seen:
+                seen.add(root.resolve())
                 found = [*root.glob("ckpt-*.pt"), *root.glob("**/checkpoints/ckpt-*.pt")]
                 candidates += [p for p in found if PATTERN.match(p.name)]
-        for p in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-            meta_file = p.parent / "meta.json"
-            try:
-                meta = json.loads(meta_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if meta.get("config_hash") == cfg_hash and not meta.get("finished", False):
+        for p in sorted(set(candidates), key=_mtime, reverse=True):
+            if _unfinished_run_of(p.parent, cfg_hash):
                 return list_checkpoints(p.parent)[-1]
         return None
     path = Path(resume)
@@ -277,6 +318,24 @@ def find_resume_checkpoint(resume: str, search_roots: list[Path], cfg_hash: str)
     raise CheckpointError(
         f"trainer.resume={resume} is not 'auto', a checkpoint file or folder, or an MLflow run id"
     )
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # pruned meanwhile
+        return 0.0
+
+
+def _unfinished_run_of(directory: Path, cfg_hash: str) -> bool:
+    """Whether directory holds checkpoints of an unfinished run of this config (meta.json)."""
+    if not list_checkpoints(directory):
+        return False
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("config_hash") == cfg_hash and not meta.get("finished", False)
 
 
 def checkpoint_of_run(tracker: Any, run_id: str) -> Path:
@@ -306,3 +365,84 @@ def checkpoint_of_run(tracker: Any, run_id: str) -> Path:
         run_id=run_id, artifact_path=names[-1], dst_path=str(target), tracking_uri=tracker.uri
     )
     return Path(local_file)
+
+
+# --------------------------------------------------------------------------- orphaned runs
+
+CHECKPOINT_DIR_TAG = "pocketgpt.checkpoint_dir"
+HOST_TAG, PID_TAG = "pocketgpt.host", "pocketgpt.pid"
+END_REASON_TAG = "pocketgpt.end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    """Where this job runs (host, process id), as run tags: how a later job tells a run whose
+    process is gone from one still training."""
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_orphaned_runs(tracker: Any, checkpoint_dir: str | os.PathLike, keep: str) -> list[str]:
+    """Mark KILLED the runs of this job's experiment left RUNNING by a job that was killed
+    (``kill -9``, power loss) before it could end its run, and that wrote into the same
+    checkpoint folder as this job; returns their ids.
+
+    Only runs tagged with this very checkpoint folder are touched: two live jobs cannot
+    share one (each would overwrite the other's checkpoints). A run whose recorded process is
+    still alive on this host is left alone all the same. ``keep`` is this job's own run.
+    """
+    from mlflow.entities import RunStatus
+
+    if tracker.experiment_id is None:
+        return []
+    target = str(Path(checkpoint_dir).resolve())
+    host, pid = process_tags()[HOST_TAG], os.getpid()
+    ended, token = [], None
+    while True:
+        page = tracker.client.search_runs(
+            [tracker.experiment_id],
+            filter_string="attributes.status = 'RUNNING'",
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            tags = run.data.tags
+            if run.info.run_id == keep or tags.get(CHECKPOINT_DIR_TAG) != target:
+                continue
+            if tags.get(HOST_TAG) == host and _alive(tags.get(PID_TAG), pid):
+                continue
+            tracker.client.set_tag(
+                run.info.run_id,
+                END_REASON_TAG,
+                f"its job was killed before it ended the run; marked KILLED by run {keep}, "
+                f"which started in the same checkpoint folder",
+            )
+            tracker.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            ended.append(run.info.run_id)
+        token = page.token
+        if not token:
+            return ended
+
+
+def _alive(pid_tag: str | None, own_pid: int) -> bool:
+    """Whether the process a run recorded may still be running: it exists, is not this one,
+    and (where /proc tells) is a Python/pocketgpt process."""
+    try:
+        pid = int(pid_tag or "")
+    except ValueError:
+        return False
+    if pid <= 0 or pid == own_pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"pocketgpt" in cmdline or b"python" in cmdline

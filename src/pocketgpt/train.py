@@ -20,7 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
-from pocketgpt.checkpoint import CheckpointWriter, Resume, config_hash, resolve_resume
+from pocketgpt.checkpoint import (
+    CHECKPOINT_DIR_TAG,
+    CheckpointWriter,
+    Resume,
+    config_hash,
+    end_orphaned_runs,
+    process_tags,
+    resolve_resume,
+)
 from pocketgpt.config import SamplingConfig, TrainConfig, TrainerConfig, validate
 from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, tokenize_corpus
 from pocketgpt.errors import ConfigError
@@ -73,7 +81,7 @@ class TrainOutcome:
     """What a finished job produced."""
 
     result: TrainResult
-    test: EvalResult
+    test: EvalResult | None  # None: the data had no test split
     sample: str
     logged_model: Any | None  # tracking.pyfunc's LoggedModelInfo, with tracking.log_model
 
@@ -96,7 +104,8 @@ def build(dcfg: DictConfig) -> TrainingJob:
     cfg_hash = config_hash(resolved)
     tracker = Tracker(cfg.tracking)
     tracker.check_reachable()  # before any slow work: a server that is down fails at once
-    resume = resolve_resume(cfg.trainer, cfg_hash, tracker)
+    # resume=auto looks in this job's own output folder first (hydra.run.dir reused).
+    resume = resolve_resume(cfg.trainer, cfg_hash, tracker, hydra_ctx["output_dir"])
     if resume is None and cfg.trainer.resume == "auto":
         print("trainer.resume=auto: no unfinished run of this config; starting fresh", flush=True)
 
@@ -167,17 +176,25 @@ def run(job: TrainingJob) -> TrainOutcome:
     tags = {
         "pocketgpt.version": __version__,
         "hydra.overrides": " ".join(job.hydra["overrides"]) or "(none)",
+        **process_tags(),
     }
     if job.hydra["job_num"] is not None:
         tags["hydra.job.num"] = str(job.hydra["job_num"])
     if job.checkpoint_dir is not None:
-        tags["pocketgpt.checkpoint_dir"] = str(job.checkpoint_dir.resolve())
+        tags[CHECKPOINT_DIR_TAG] = str(job.checkpoint_dir.resolve())
     resumed = job.resume is not None and tracker.resume(job.resume.run_id)
-    if not resumed:
+    if resumed:
+        tracker.set_tags(process_tags())  # the process now writing to the run
+    else:
         # In a multirun, a child of the sweep's parent run (pocketgpt.sweep).
         tracker.start(**child_run_kwargs(cfg.tracking.run_name, tags, job.hydra))
     status = "FAILED"
     try:
+        if job.checkpoint_dir is not None:
+            # Runs of earlier jobs in this checkpoint folder killed before they could end
+            # (kill -9 before any checkpoint) would otherwise say RUNNING forever.
+            for orphan in end_orphaned_runs(tracker, job.checkpoint_dir, tracker.run_id):
+                print(f"marked MLflow run {orphan} KILLED (its job was killed)", flush=True)
         train_tokens = len(job.splits["train"].tokens)
         if resumed:
             print(f"resuming MLflow run {tracker.run_id} from {job.resume.path}", flush=True)
@@ -198,19 +215,27 @@ def run(job: TrainingJob) -> TrainOutcome:
             flush=True,
         )
         result = job.trainer.fit()
-        test = evaluate(
-            model,
-            job.splits["test"],
-            cfg.data.block_size,
-            cfg.trainer.batch_size,
-            runtime.device,
-            runtime.precision,
-            cfg.trainer.eval_max_batches,
-        )
+        test = None
+        if "test" in job.splits:
+            test = evaluate(
+                model,
+                job.splits["test"],
+                cfg.data.block_size,
+                cfg.trainer.batch_size,
+                runtime.device,
+                runtime.precision,
+                cfg.trainer.eval_max_batches,
+            )
+        else:
+            print("no test split (data.test not given): skipping the test evaluation", flush=True)
         # time_*: seconds of training spent on data, compute, tracking, progress, eval, ...
         timings = {f"time_{k}": v for k, v in result.timings.items()}
         tracker.log_metrics(
-            {**test.as_metrics("test"), "best_val_loss": result.best_val_loss, **timings},
+            {
+                **(test.as_metrics("test") if test else {}),
+                "best_val_loss": result.best_val_loss,
+                **timings,
+            },
             result.steps,
         )
         sample = _sample(job)
@@ -230,8 +255,9 @@ def run(job: TrainingJob) -> TrainOutcome:
         status = "FINISHED"
         final = result.final_val
         print(
-            f"\nfinal: val loss {final.loss:.4f} (bpb {final.bpb:.4f}), test loss {test.loss:.4f} "
-            f"(bpb {test.bpb:.4f}) after {result.steps} steps, {result.train_time:.0f} s\n"
+            f"\nfinal: val loss {final.loss:.4f} (bpb {final.bpb:.4f}), "
+            + (f"test loss {test.loss:.4f} (bpb {test.bpb:.4f})" if test else "no test split")
+            + f" after {result.steps} steps, {result.train_time:.0f} s\n"
             f"sample: {sample!r}\n"
             f"MLflow: {tracker.run_url()}" + (f"\nmodel: {logged.describe()}" if logged else ""),
             flush=True,
