@@ -57,6 +57,8 @@ def test_wrong_type_fails_at_composition(compose_cfg):
         ("trainer.compile=maybe", "trainer.compile='maybe'"),
         ("optim.betas=[0.9]", "must be two numbers"),
         ("tracking.register_as=a@v1", "looks like a version"),
+        ("trainer.sample_temperature=-1", "trainer.sample_temperature=-1.0 must be >= 0"),
+        ("trainer.sample_top_p=2", "trainer.sample_top_p=2.0 must be in"),
     ],
 )
 def test_cross_field_checks(compose_cfg, override, message):

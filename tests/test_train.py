@@ -65,7 +65,7 @@ def test_train_logs_a_complete_run(compose_cfg, tmp_path, store):
     assert run.data.tags["pocketgpt.version"]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "sample.txt", "tokenizer"} <= artifacts
+    assert {"config.yaml", "sample.txt", "sample_greedy.txt", "tokenizer"} <= artifacts
     # The final model is an MLflow LoggedModel linked to the run (tests/test_mlflow_model.py).
     (output,) = run.outputs.model_outputs
     model_files = {a.path for a in client.list_logged_model_artifacts(output.model_id, "artifacts")}

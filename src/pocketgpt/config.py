@@ -255,8 +255,14 @@ class TrainerConfig:
     checkpoint_to_mlflow: bool = False  # also copy each checkpoint into the run's artifacts
     resume: str | None = None  # auto | a checkpoint file or folder | an MLflow run id
     on_nonfinite: OnNonFinite = OnNonFinite.fail  # what a NaN/inf loss does
-    sample_tokens: int = 40  # length of the greedy sample printed at the end
+    # The sample printed and logged at the end (sample.txt), drawn the way a reader would read the
+    # model: greedy decoding of a small model soon loops ("= = = ="). sample_greedy.txt is
+    # logged beside it. sample_temperature=0 makes the sample itself greedy.
+    sample_tokens: int = 40
     sample_prompt: str = "The meaning of life is"
+    sample_temperature: float = 0.8
+    sample_top_p: float | None = 0.95
+    sample_seed: int = 1337  # a private RNG: the same model always prints the same sample
     progress: bool = True  # a tqdm progress bar on stderr
 
     def __post_init__(self) -> None:
@@ -288,6 +294,14 @@ class TrainerConfig:
             raise ConfigError(
                 f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1"
             )
+        if self.sample_tokens < 0:
+            raise ConfigError(f"trainer.sample_tokens={self.sample_tokens} must be >= 0")
+        try:  # the sample's settings, checked now rather than after training
+            SamplingConfig(
+                temperature=self.sample_temperature, top_p=self.sample_top_p, seed=self.sample_seed
+            )
+        except SamplingError as e:
+            raise ConfigError(f"trainer.sample_{e}") from None
 
 
 @dataclass

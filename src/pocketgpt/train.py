@@ -271,20 +271,27 @@ def run(job: TrainingJob) -> TrainOutcome:
 
 
 def _sample(job: TrainingJob) -> str:
-    """A greedy continuation of trainer.sample_prompt, logged as sample.txt."""
+    """A continuation of trainer.sample_prompt with the trainer's sample settings, logged as
+    sample.txt (and the greedy one as sample_greedy.txt); returns the former."""
     cfg = job.cfg.trainer
     prompt = torch.tensor([job.tokenizer.encode(cfg.sample_prompt)], device=job.runtime.device)
-    new = generate(
-        job.model,
-        prompt,
-        SamplingConfig(max_new_tokens=cfg.sample_tokens),
-        eos_id=job.tokenizer.eos_id,
-    )
-    sample = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
+    settings = {
+        "sample.txt": SamplingConfig(
+            max_new_tokens=cfg.sample_tokens,
+            temperature=cfg.sample_temperature,
+            top_p=cfg.sample_top_p,
+            seed=cfg.sample_seed,
+        ),
+        "sample_greedy.txt": SamplingConfig(max_new_tokens=cfg.sample_tokens),
+    }
+    texts = {}
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sample.txt").write_text(sample + "\n")
-        job.tracker.log_artifact(Path(tmp) / "sample.txt")
-    return sample
+        for name, sampling in settings.items():
+            new = generate(job.model, prompt, sampling, eos_id=job.tokenizer.eos_id)
+            texts[name] = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
+            (Path(tmp) / name).write_text(texts[name] + "\n")
+            job.tracker.log_artifact(Path(tmp) / name)
+    return texts["sample.txt"]
 
 
 def _checkpoint_dir(cfg: TrainConfig, hydra_ctx: dict) -> Path | None:
