@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format ui clean
+.PHONY: install train test test-fast lint format ui serve clean
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ format: $(STAMP)
 # Opens the MLflow UI on the local store that `make train` writes to.
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+# Serves a logged model over HTTP (MLflow's scoring server), read from the same ./mlruns store.
+MODEL ?= models:/pocketgpt@best
+PORT  ?= 5001
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///mlruns/mlflow.db \
+		$(BIN)/mlflow models serve -m $(MODEL) \
+		--env-manager local -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf outputs multirun .cache
