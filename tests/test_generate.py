@@ -457,3 +457,14 @@ def test_command_fails_fast_when_the_tracking_server_is_down(model_uri):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"error: the MLflow tracking server at {server} does not answer")
     assert r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_sampling_a_model_with_non_finite_logits_is_a_one_line_error():
+    torch.manual_seed(0)
+    broken = GPTMini(CFG).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")  # tied: the embedding row 0 too
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(SamplingError, match="logits are not finite") as e:
+        generate(broken, prompt, SamplingConfig(max_new_tokens=3, temperature=1.0, seed=0))
+    assert "\n" not in str(e.value)

@@ -162,7 +162,13 @@ def generate(
             next_id = _argmax(logits)  # (B,)
         else:
             probs = torch.softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
-            next_id = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            try:
+                next_id = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            except RuntimeError:  # NaN or inf probabilities: only a broken model gives them
+                raise SamplingError(
+                    "the model's logits are not finite (NaN or inf), so there is nothing to "
+                    "sample from; check the model's weights (e.g. a run that skipped NaN losses)"
+                ) from None
         if stop and B == 1:
             all_done = int(next_id) == eos_id  # one row: a scalar check, no tensor ops
         elif stop:

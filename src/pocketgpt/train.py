@@ -20,24 +20,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
-from pocketgpt.checkpoint import (
-    CHECKPOINT_DIR_TAG,
-    CheckpointWriter,
-    Resume,
-    config_hash,
-    end_orphaned_runs,
-    process_tags,
-    resolve_resume,
-)
+from pocketgpt.checkpoint import CheckpointWriter, Resume, config_hash, resolve_resume
 from pocketgpt.config import SamplingConfig, TrainConfig, TrainerConfig, validate
 from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, tokenize_corpus
-from pocketgpt.errors import ConfigError
+from pocketgpt.errors import ConfigError, SamplingError
 from pocketgpt.evaluation import EvalResult, evaluate
 from pocketgpt.model import GPTMini
 from pocketgpt.runtime import Runtime
 from pocketgpt.sampling import generate
 from pocketgpt.tokenizer import Tokenizer, build_tokenizer
-from pocketgpt.tracking.run import Tracker, flatten
+from pocketgpt.tracking.run import (
+    CHECKPOINT_DIR_TAG,
+    Tracker,
+    end_orphaned_runs,
+    flatten,
+    process_tags,
+)
 from pocketgpt.tracking.sweep import child_run_kwargs
 from pocketgpt.trainer import TrainData, Trainer, TrainerHooks, TrainResult
 
@@ -287,8 +285,12 @@ def _sample(job: TrainingJob) -> str:
     texts = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, sampling in settings.items():
-            new = generate(job.model, prompt, sampling, eos_id=job.tokenizer.eos_id)
-            texts[name] = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
+            try:
+                new = generate(job.model, prompt, sampling, eos_id=job.tokenizer.eos_id)
+            except SamplingError as e:  # the run's figures are logged already: keep them
+                texts[name] = f"(no sample: {e})"
+            else:
+                texts[name] = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
             (Path(tmp) / name).write_text(texts[name] + "\n")
             job.tracker.log_artifact(Path(tmp) / name)
     return texts["sample.txt"]

@@ -169,3 +169,86 @@ class Tracker:
             f"experiment {self.cfg.experiment_name!r} (id {self.experiment_id}), "
             f"run {self.run_id} in {self.uri}"
         )
+
+
+# --------------------------------------------------------------------------- orphaned runs
+# A job killed with kill -9 (or a power loss) cannot end its run; the next job that starts in
+# the same checkpoint folder ends it, so no run says RUNNING forever.
+
+CHECKPOINT_DIR_TAG = "pocketgpt.checkpoint_dir"
+HOST_TAG, PID_TAG = "pocketgpt.host", "pocketgpt.pid"
+END_REASON_TAG = "pocketgpt.end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    """Where this job runs (host, process id), as run tags: how a later job tells a run whose
+    process is gone from one still training."""
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_orphaned_runs(tracker: Any, checkpoint_dir: str | os.PathLike, keep: str) -> list[str]:
+    """Mark KILLED the runs of this job's experiment left RUNNING by a job that was killed
+    (``kill -9``, power loss) before it could end its run, and that wrote into the same
+    checkpoint folder as this job; returns their ids.
+
+    Only runs tagged with this very checkpoint folder are touched: two live jobs cannot
+    share one (each would overwrite the other's checkpoints). A run whose recorded process is
+    still alive on this host is left alone all the same. ``keep`` is this job's own run.
+    """
+    from mlflow.entities import RunStatus
+
+    if tracker.experiment_id is None:
+        return []
+    target = str(Path(checkpoint_dir).resolve())
+    host, pid = process_tags()[HOST_TAG], os.getpid()
+    ended, token = [], None
+    while True:
+        page = tracker.client.search_runs(
+            [tracker.experiment_id],
+            filter_string="attributes.status = 'RUNNING'",
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            tags = run.data.tags
+            if run.info.run_id == keep or tags.get(CHECKPOINT_DIR_TAG) != target:
+                continue
+            if tags.get(HOST_TAG) == host and _alive(tags.get(PID_TAG), pid):
+                continue
+            tracker.client.set_tag(
+                run.info.run_id,
+                END_REASON_TAG,
+                f"its job was killed before it ended the run; marked KILLED by run {keep}, "
+                f"which started in the same checkpoint folder",
+            )
+            tracker.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            ended.append(run.info.run_id)
+        token = page.token
+        if not token:
+            return ended
+
+
+def _alive(pid_tag: str | None, own_pid: int) -> bool:
+    """Whether the process a run recorded may still be running: it exists, is not this one,
+    and (where /proc tells) is a Python/pocketgpt process."""
+    try:
+        pid = int(pid_tag or "")
+    except ValueError:
+        return False
+    if pid <= 0 or pid == own_pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"pocketgpt" in cmdline or b"python" in cmdline
