@@ -170,14 +170,8 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
         texts = _load_hub(cfg, cache_dir)
         name = f"{cfg.hub_name}/{cfg.hub_config}"
     elif cfg.source == "files":
+        # DataConfig checked that train is given, and validation or validation_fraction.
         paths = {split: getattr(cfg, split) for split in SPLITS if getattr(cfg, split)}
-        if "train" not in paths:
-            raise DataError("data=files needs data.train=PATH")
-        if "validation" not in paths and cfg.validation_fraction is None:
-            raise DataError(
-                "data=files needs a validation split: data.validation=PATH, or "
-                "data.validation_fraction=F to hold out the last fraction F of data.train"
-            )
         for split, p in paths.items():
             matches = glob.glob(p)
             if not matches:
@@ -196,10 +190,9 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
         raise DataError(f"data.source={cfg.source!r} is not wikitext2_mini, wikitext2 or files")
     for split, text in texts.items():
         if not text.strip():
-            how = ""
-            if name == "files" and not cfg.validation and split in ("train", "validation"):
-                how = f" (held out with data.validation_fraction={cfg.validation_fraction})"
-            raise DataError(f"the {split} split of {name} is empty{how}")
+            held_out = name == "files" and split == "validation" and not cfg.validation
+            how = f" (held out with data.validation_fraction={cfg.validation_fraction})"
+            raise DataError(f"the {split} split of {name} is empty{how if held_out else ''}")
     return Corpus(name=name, **texts)
 
 
