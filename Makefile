@@ -6,11 +6,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format ui serve clean
+.PHONY: install train test test-fast lint format ui serve server clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py src/pocketgpt/tokenizer/_bpe_core.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
@@ -44,6 +44,17 @@ serve: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///mlruns/mlflow.db \
 		$(BIN)/mlflow models serve -m $(MODEL) \
 		--env-manager local -h 127.0.0.1 -p $(PORT)
+
+# A tracking server for a team: SQLite and artifacts in ./mlserver, artifacts proxied over HTTP.
+# Point training at it with tracking.uri=http://HOST:$(SERVER_PORT) (or MLFLOW_TRACKING_URI).
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5050
+server: $(STAMP)
+	mkdir -p mlserver
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+		--backend-store-uri sqlite:///mlserver/mlflow.db \
+		--artifacts-destination mlserver/artifacts --serve-artifacts \
+		--host $(SERVER_HOST) --port $(SERVER_PORT) --workers 1
 
 clean:
 	rm -rf outputs multirun .cache

@@ -1,34 +1,45 @@
 """Time to a validation bits-per-byte on the embedded corpus: pocketgpt's default recipe vs the
-bare nanoGPT-style reference with its own recipe.
+bare nanoGPT-style reference with its learning rate tuned the way pocketgpt's was.
 
-    python benchmarks/bench_convergence.py                 # bare 600 iterations, then pocketgpt
-    python benchmarks/bench_convergence.py --override optim.lr=2e-3   # try another recipe
+    python benchmarks/bench_convergence.py                      # sweep, then 3 seeds, 2 at once
+    python benchmarks/bench_convergence.py --ref-lrs 2e-3 --seeds 1 2 3 4 5   # no sweep
+    python benchmarks/bench_convergence.py --override optim.lr=2e-3           # another recipe
 
-1. The bare reference (``benchmarks/nanogpt_ref.py``: nanoGPT's small-model recipe, lr 1e-3 to
-   1e-4 cosine, 100 warm-up iterations, betas (0.9, 0.99), weight decay 0.1, clip 1.0, batch
-   16 x 128, random windows) trains for ``--steps`` iterations (default 600, what ``make
-   train`` runs). Its final validation bpb is the target.
-2. pocketgpt trains with its default recipe (``python -m pocketgpt.train`` as is: Hydra config,
-   MLflow tracking, checkpoints), evaluated every ``--eval-every`` steps; the time to the target
-   is the training time at the first evaluation at or below it.
+1. **The reference's learning rate** (``--ref-lrs``, one run each at the first seed, evaluation
+   every ``--sweep-eval-every`` steps): pocketgpt's default lr was chosen by the final
+   validation bpb of one 600-step run per rate (BENCHMARKS.md section (e)); the reference gets
+   the same treatment, over rates around nanoGPT's 1e-3, its minimum lr kept at a tenth of the
+   peak (nanoGPT's rule, and pocketgpt's ``min_lr_ratio``). The rate with the lowest final bpb
+   is the tuned reference. Only the bpb is compared here, so these runs go ``--jobs`` at once.
+2. **Seeds** (``--seeds``): for each seed the tuned reference (``benchmarks/nanogpt_ref.py``:
+   nanoGPT's small-model recipe, warm-up 100, cosine, betas (0.9, 0.99), weight decay 0.1, clip
+   1.0, batch 16 x 128, random windows) and pocketgpt's default recipe (``python -m
+   pocketgpt.train`` as is: Hydra, MLflow, checkpoints) train ``--steps`` steps with that seed.
+   With ``--jobs 2`` the two run side by side, so whatever else loads the machine loads both;
+   with ``--jobs 1`` one after the other, alternating which goes first. The target of a seed is
+   the reference's final bpb; pocketgpt's time to it is the training time at its first
+   evaluation at or below it, divided by the reference's whole training time.
 
-Both use the same tokens (the embedded corpus through pocketgpt's tokenizer) and the same
-evaluation (``pocketgpt.evaluation.evaluate`` over the whole validation split, bits per byte);
-evaluation time is left out of both clocks (it is the measuring instrument; its cost in a
-default run is in section (d)). Each runs in a fresh process. Target: pocketgpt reaches the
-reference's final bpb in at most 0.8x the reference's time.
+Both use the same tokens (the embedded corpus through pocketgpt's tokenizer), ``--threads``
+torch threads each, and the same evaluation (``pocketgpt.evaluation.evaluate`` over the whole
+validation split, bits per byte); evaluation time is left out of both clocks (it is the measuring
+instrument; its cost in a default run is in section (d)). Each run is a fresh process. Target:
+pocketgpt reaches the reference's final bpb in at most 0.8x the reference's time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SECTION = "(e) Time to a validation bpb"
+TARGET = 0.8  # pocketgpt's time to the reference's final bpb, x the reference's time
 
 
 def _splits():
@@ -48,8 +59,9 @@ def worker_bare(args) -> dict:
 
     from pocketgpt.evaluation import evaluate
 
+    torch.set_num_threads(args.threads)
     tok, splits = _splits()
-    torch.manual_seed(1337)
+    torch.manual_seed(args.seed)
     model = ref.GPT(ref.RefConfig(vocab_size=tok.vocab_size))
     curve = []
     state = {"eval": 0.0}
@@ -57,18 +69,26 @@ def worker_bare(args) -> dict:
 
     def on_eval(it: int) -> None:
         t0 = time.perf_counter()
-        res = evaluate(model, splits["validation"], 128, 16, torch.device("cpu"))
+        res = evaluate(
+            model, splits["validation"], 128, 16, torch.device("cpu"), max_batches=args.eval_batches
+        )
         model.train()
         curve.append({"step": it, "time": t0 - t_start - state["eval"], "bpb": res.bpb})
         state["eval"] += time.perf_counter() - t0
 
+    # nanoGPT keeps min_lr at a tenth of the peak (its comment cites Chinchilla). Its 100
+    # warm-up iterations belong to a 600-iteration run: a shorter budget keeps the same share
+    # (a fixed 100 would spend half of a 200-step run warming up).
+    warmup = round(ref.RefRecipe.warmup_iters * min(1.0, args.steps / 600))
+    recipe = ref.RefRecipe(learning_rate=args.lr, min_lr=args.lr / 10, warmup_iters=warmup)
     ref.train(
         model,
         str(splits["train"].tokens.filename),
         args.steps,
-        ref.RefRecipe(),
+        recipe,
         on_eval=on_eval,
         eval_interval=args.eval_every,
+        seed=args.seed,
     )
     if curve[-1]["step"] != args.steps:
         on_eval(args.steps)
@@ -79,8 +99,12 @@ def worker_pocketgpt(args) -> dict:
     import _compose
 
     overrides = [
+        f"trainer.max_steps={args.steps}",
         f"trainer.eval_interval={args.eval_every}",
+        f"trainer.seed={args.seed}",
+        f"trainer.threads={args.threads}",
         "tracking.log_model=false",
+        *([f"trainer.eval_max_batches={args.eval_batches}"] if args.eval_batches else []),
         *args.override,
     ]
     job = _compose.train_in_temp("bench-convergence-", overrides)
@@ -90,16 +114,19 @@ def worker_pocketgpt(args) -> dict:
         {"step": e["step"], "time": e["train_seconds"], "bpb": e["bpb"]}
         for e in job.outcome.result.evals
     ]
-    return {"curve": curve, "chose": job.chose, "max_steps": job.cfg.trainer.max_steps}
+    return {"curve": curve, "chose": job.chose}
 
 
-def run_worker(name: str, args) -> dict:
+def run_worker(name: str, args, *, seed: int, eval_every: int, lr: float | None = None) -> dict:
     import _report
 
-    argv = ["--steps", str(args.steps), "--eval-every", str(args.eval_every)]
-    return _report.run_worker(
-        __file__, name, argv + [a for o in args.override for a in ("--override", o)]
-    )
+    argv = ["--steps", str(args.steps), "--eval-every", str(eval_every), "--seed", str(seed)]
+    argv += ["--threads", str(args.threads)]
+    argv += ["--eval-batches", str(args.eval_batches)] if args.eval_batches else []
+    if lr is not None:
+        argv += ["--lr", repr(lr)]
+    argv += [a for o in args.override for a in ("--override", o)]
+    return _report.run_worker(__file__, name, argv)
 
 
 def time_to(curve: list[dict], target: float) -> tuple[float | None, int | None]:
@@ -110,15 +137,84 @@ def time_to(curve: list[dict], target: float) -> tuple[float | None, int | None]
     return None, None
 
 
+def at_step(curve: list[dict], step: int) -> dict | None:
+    return next((p for p in curve if p["step"] == step), None)
+
+
+def sweep_reference(args, pool: ThreadPoolExecutor) -> tuple[float, str]:
+    """The reference's lr with the lowest final bpb (one run per lr at the first seed), and the
+    sweep's table."""
+    seed = args.seeds[0]
+    futures = {
+        lr: pool.submit(
+            run_worker, "bare", args, seed=seed, eval_every=args.sweep_eval_every, lr=lr
+        )
+        for lr in args.ref_lrs
+    }
+    curves = {lr: f.result()["curve"] for lr, f in futures.items()}
+    best = min(args.ref_lrs, key=lambda lr: curves[lr][-1]["bpb"])
+    steps = [p["step"] for p in curves[best]]
+    rows = []
+    for lr in args.ref_lrs:
+        mark = "**" if lr == best else ""
+        cells = [f"{mark}lr {lr:g}, min_lr {lr / 10:g}{mark}"]
+        for s in steps:
+            p = at_step(curves[lr], s)
+            cells.append(f"{p['bpb']:.4f}" if p else "")
+        cells.append(f"{curves[lr][-1]['time']:.0f}")
+        rows.append(cells)
+        print(f"sweep: reference lr {lr:g}: final bpb {curves[lr][-1]['bpb']:.4f}", flush=True)
+    import _report
+
+    table = _report.table(
+        ["reference recipe", *(f"step {s}" for s in steps), "train s (side by side)"], rows
+    )
+    return best, table
+
+
+def compare_seed(args, pool: ThreadPoolExecutor, lr: float, seed: int, k: int) -> dict:
+    """The tuned reference and pocketgpt at one seed: side by side (jobs >= 2), else in turn."""
+    names = ["bare", "pocketgpt"] if k % 2 == 0 else ["pocketgpt", "bare"]
+    kw = {"seed": seed, "eval_every": args.eval_every}
+    if args.jobs >= 2:
+        futures = {
+            n: pool.submit(run_worker, n, args, **kw, lr=lr if n == "bare" else None) for n in names
+        }
+        return {n: f.result() for n, f in futures.items()}
+    return {n: run_worker(n, args, **kw, lr=lr if n == "bare" else None) for n in names}
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600, help="iterations of the bare reference")
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=600, help="training steps of every run")
+    ap.add_argument("--eval-every", type=int, default=25, help="in the seeded comparison")
+    ap.add_argument("--sweep-eval-every", type=int, default=100, help="in the reference's sweep")
+    ap.add_argument(
+        "--ref-lrs",
+        type=float,
+        nargs="+",
+        default=[1e-3, 2e-3, 3e-3, 6e-3],
+        help="the reference's peak learning rates to sweep (one: no sweep)",
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    ap.add_argument("--jobs", type=int, default=2, choices=[1, 2], help="processes at once")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help="validation batches of 16 x 128 per evaluation (default: the whole split)",
+    )
     ap.add_argument("--override", action="append", default=[], help="pocketgpt Hydra override")
-    ap.add_argument("--target", type=float, default=None, help="bpb (default: bare's final)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=1337, help=argparse.SUPPRESS)
+    ap.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -128,89 +224,140 @@ def main(argv: list[str] | None = None) -> int:
 
     import _report
 
-    load_before = _report.load_average()
-    print(f"load average before: {load_before}", flush=True)
-    bare = run_worker("bare", args)
-    load_mid = _report.load_average()
-    bare_final = bare["curve"][-1]
-    target = args.target if args.target is not None else bare_final["bpb"]
-    # The reference's clock is its whole run (its final bpb is where it ends, even if an earlier
-    # evaluation was as low).
-    bare_time, bare_step = bare_final["time"], bare_final["step"]
-    print(f"bare: final bpb {bare_final['bpb']:.4f} after {bare_final['time']:.1f} s", flush=True)
-    ours = run_worker("pocketgpt", args)
-    our_time, our_step = time_to(ours["curve"], target)
-    our_final = ours["curve"][-1]
+    loads = [f"before: {_report.load_average()}"]
+    print(f"load average {loads[0]}", flush=True)
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    sweep_table = ""
+    if len(args.ref_lrs) > 1:
+        lr, sweep_table = sweep_reference(args, pool)
+        loads.append(f"after the sweep: {_report.load_average()}")
+        print(sweep_table, flush=True)
+    else:
+        lr = args.ref_lrs[0]
 
-    rows = [
-        [
-            "bare reference (nanoGPT recipe)",
-            f"{bare_time:.1f}",
-            bare_step,
-            f"{bare_final['bpb']:.4f} at step {bare_final['step']}",
-            f"{bare_final['time']:.1f}",
-            f"{bare_final['time'] / bare_final['step'] * 1000:.0f}",
-        ],
-        [
-            "pocketgpt default recipe",
-            f"{our_time:.1f}" if our_time is not None else "not reached",
-            our_step if our_step is not None else "",
-            f"{our_final['bpb']:.4f} at step {our_final['step']}",
-            f"{our_final['time']:.1f}",
-            f"{our_final['time'] / our_final['step'] * 1000:.0f}",
-        ],
-    ]
+    per_seed = []
+    for k, seed in enumerate(args.seeds):
+        res = compare_seed(args, pool, lr, seed, k)
+        bare, ours = res["bare"]["curve"], res["pocketgpt"]["curve"]
+        target = bare[-1]["bpb"]
+        our_time, our_step = time_to(ours, target)
+        ratio = our_time / bare[-1]["time"] if our_time is not None else None
+        per_seed.append(
+            {"seed": seed, "bare": bare, "ours": ours, "target": target, "ratio": ratio}
+            | {"our_time": our_time, "our_step": our_step, "chose": res["pocketgpt"]["chose"]}
+        )
+        loads.append(f"after seed {seed}: {_report.load_average()}")
+        print(
+            f"seed {seed}: reference {target:.4f} after {bare[-1]['time']:.1f} s; pocketgpt "
+            + (f"there at step {our_step}, {our_time:.1f} s: {ratio:.2f}x" if ratio else "never")
+            + f", final {ours[-1]['bpb']:.4f} after {ours[-1]['time']:.1f} s",
+            flush=True,
+        )
+    pool.shutdown()
+
+    rows = []
+    for r in per_seed:
+        b, o = r["bare"][-1], r["ours"][-1]
+        rows.append(
+            [
+                r["seed"],
+                f"{r['target']:.4f}",
+                f"{b['time']:.1f}",
+                f"{b['time'] / b['step'] * 1000:.0f}",
+                f"{r['our_time']:.1f} (step {r['our_step']})" if r["ratio"] else "not reached",
+                f"{o['bpb']:.4f}",
+                f"{o['time'] / o['step'] * 1000:.0f}",
+                f"**{r['ratio']:.2f}x**" if r["ratio"] else "not reached",
+            ]
+        )
     table = _report.table(
         [
-            "run",
-            f"s to bpb {target:.4f}",
-            "at step",
-            "final val bpb",
-            "train s (total)",
+            "seed",
+            f"reference's final bpb (lr {lr:g})",
+            "reference s",
             "ms/step",
+            "pocketgpt s to it",
+            "pocketgpt final bpb",
+            "ms/step",
+            "time ratio",
         ],
         rows,
     )
-    ratio = our_time / bare_time if our_time is not None and bare_time else None
+    ratios = [r["ratio"] for r in per_seed if r["ratio"] is not None]
+    met = len(ratios) == len(per_seed) and max(ratios) <= TARGET
+    verdict = (
+        f"{spread(ratios)} over {len(ratios)} of {len(per_seed)} seeds"
+        if ratios
+        else "never reached"
+    )
+    # Median curves over the seeds: both contenders evaluated at the same steps.
     curve_rows = []
-    by_step = {p["step"]: p for p in bare["curve"]}
-    for p in ours["curve"]:
-        b = by_step.get(p["step"])
-        curve_rows.append(
-            [
-                p["step"],
-                f"{p['time']:.0f}",
-                f"{p['bpb']:.4f}",
-                f"{b['time']:.0f}" if b else "",
-                f"{b['bpb']:.4f}" if b else "",
+    for p in per_seed[0]["ours"]:
+        s = p["step"]
+        got = {
+            side: [q for r in per_seed if (q := at_step(r[side], s))] for side in ("ours", "bare")
+        }
+        cells = [s]
+        for side in ("ours", "bare"):
+            pts = got[side] if len(got[side]) == len(per_seed) else []
+            cells += [
+                f"{statistics.median(q['time'] for q in pts):.0f}" if pts else "",
+                f"{statistics.median(q['bpb'] for q in pts):.4f}" if pts else "",
             ]
-        )
+        curve_rows.append(cells)
     curves = _report.table(
-        ["step", "pocketgpt s", "pocketgpt bpb", "bare s", "bare bpb"], curve_rows
+        ["step", "pocketgpt s", "pocketgpt bpb", "reference s", "reference bpb"], curve_rows
+    )
+    how = (
+        "side by side (2 processes at once)"
+        if args.jobs >= 2
+        else "one after the other, alternating"
     )
     notes = [
-        "- time ratio pocketgpt / bare to the bare reference's final bpb: "
-        + (f"**{ratio:.2f}x**" if ratio is not None else "not reached")
-        + " (target: at most 0.8x)",
+        f"- time ratio pocketgpt / tuned reference to the reference's final bpb, per seed: "
+        f"**{verdict}** (target: at most {TARGET}x on every seed: "
+        f"{'met' if met else 'not met'})",
+        "- the reference's lr: "
+        + (
+            f"{lr:g}, the best final bpb of {', '.join(f'{x:g}' for x in args.ref_lrs)} "
+            f"at seed {args.seeds[0]}"
+            if sweep_table
+            else f"{lr:g} (given, no sweep)"
+        )
+        + f"; min_lr = lr / 10; warm-up {round(100 * min(1.0, args.steps / 600))} steps "
+        f"(nanoGPT's 100 of 600, scaled to the budget); {args.steps} steps for every run",
         f"- pocketgpt overrides: `{' '.join(args.override) or '(none: the default recipe)'}`; "
-        f"evaluation every {args.eval_every} steps, its time left out of both clocks",
-        f"- log: `{ours.get('chose', '')}`",
-        f"- load average before: {load_before}; between the runs: {load_mid}; after: "
-        f"{_report.load_average()}",
+        f"evaluation every {args.eval_every} steps (sweep: every {args.sweep_eval_every}) on "
+        + (
+            f"the first {args.eval_batches} validation batches of 16 x 128"
+            if args.eval_batches
+            else "the whole validation split"
+        )
+        + f", its time left out of both clocks; {args.threads} torch thread(s) per process; "
+        f"each seed's two runs {how}",
+        f"- log: `{per_seed[0]['chose']}`",
+        f"- load average {'; '.join(loads)}; after: {_report.load_average()}",
     ]
     print(table)
     print(curves)
     print("\n".join(notes))
     if not args.no_write:
-        head = _report.header(f"target = bare reference's bpb after {args.steps} steps", argv)
-        body = "\n".join([table, "", *notes, "", "Validation curves:", "", curves])
-        _report.append_section(SECTION, head + "\n" + body)
-        if not args.override and ratio is not None:
+        head = _report.header(
+            f"pocketgpt vs the lr-tuned reference, {args.steps} steps, {len(args.seeds)} seeds",
+            argv,
+        )
+        parts = [table, "", *notes]
+        if sweep_table:
+            parts += ["", "The reference's learning-rate sweep (validation bpb):", "", sweep_table]
+        parts += ["", "Validation curves (medians over the seeds):", "", curves]
+        _report.append_section(SECTION, head + "\n" + "\n".join(parts))
+        if not args.override and ratios:
             _report.set_summary(
                 "(e)",
-                f"{ratio:.2f}x the reference's time to its final bpb {target:.3f} "
-                f"({our_time:.0f} s vs {bare_time:.0f} s)",
-                "yes" if ratio <= 0.8 else "no",
+                f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x, "
+                f"{len(per_seed)} seeds, {args.steps} steps) the lr-tuned reference's time to its "
+                "final bpb",
+                "yes" if met else "no",
             )
         print(f"appended to {_report.RESULTS}")
     return 0

@@ -13,6 +13,9 @@ pocketgpt's tokenizer, memmapped):
   evaluation only at the end); tokens/s is read back from the run's ``tokens_per_sec`` metric,
   whose windows run from log step to log step and so include tracking, the bar and checkpoints;
 - **bare**: ``benchmarks/nanogpt_ref.py``, a nanoGPT-style model and loop;
+- **bare+malloc**: the same loop with pocketgpt's allocator settings
+  (``pocketgpt.runtime.tune_cpu_allocator``: glibc keeps freed pages instead of unmapping them
+  after every step), so that the allocator's share of pocketgpt's lead shows apart from the rest;
 - **transformers**: ``GPT2LMHeadModel`` (sdpa attention) at the same shape in the same loop as
   the bare reference, its loss computed by transformers (``labels`` with ``shift_labels``).
 
@@ -110,6 +113,7 @@ def worker_pocketgpt(args, files) -> dict:
         "trainer.log_interval=10",
         "tracking.log_model=false",
         "trainer.sample_tokens=1",
+        *([f"trainer.threads={args.threads}"] if args.threads else []),
         *args.override,
     ]
     job = _compose.train_in_temp("bench-train-", overrides)
@@ -137,10 +141,17 @@ def _timed_loop(step, get_batch, warmup: int, steps: int) -> float:
     return steps * BATCH * get_batch.block / (time.perf_counter() - t0)
 
 
-def worker_bare(args, files) -> dict:
+def worker_bare(args, files, malloc: bool = False) -> dict:
+    """The nanoGPT-style loop; ``malloc``: with pocketgpt's allocator settings
+    (``runtime.tune_cpu_allocator``, which every pocketgpt training job applies on the CPU), so
+    that the table shows the allocator's share of pocketgpt's lead apart from the rest."""
     import nanogpt_ref as ref
     import torch
 
+    if malloc:
+        from pocketgpt.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     torch.manual_seed(1337)
     shape = SHAPES[args.model]
     model = ref.GPT(
@@ -396,6 +407,7 @@ def worker_step(args, files) -> dict:
 WORKERS = {
     "pocketgpt": worker_pocketgpt,
     "bare": worker_bare,
+    "bare+malloc": lambda args, files: worker_bare(args, files, malloc=True),
     "transformers": worker_hf,
     "step": worker_step,
 }
@@ -405,6 +417,7 @@ def run_worker(name: str, args, extra: list[str] | None = None) -> dict:
     import _report
 
     argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
     argv += [a for o in args.override for a in ("--override", o)]
     return _report.run_worker(__file__, name, [*argv, *(extra or [])])
 
@@ -418,13 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per run (multiple of 10)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (multiple of 10)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--contenders", nargs="*", default=["pocketgpt", "bare", "transformers"])
+    ap.add_argument(
+        "--contenders", nargs="*", default=["pocketgpt", "bare", "bare+malloc", "transformers"]
+    )
     ap.add_argument("--ablations", action="store_true", help="time each optimization alone")
     ap.add_argument("--ablation-steps", type=int, default=15)
     ap.add_argument("--only", nargs="*", default=None, help="ablations whose name has this text")
     ap.add_argument("--profile", action="store_true", help="torch.profiler: bare vs pocketgpt")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -432,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.block = SHAPES[args.model]["max_len"]
 
+    if args.threads:  # the workers and the matmul peak alike
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         files = token_files()
         result = WORKERS[args.worker](args, files)
@@ -465,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     summary = {}
+
+    def paired(runs: list[dict]) -> str:
+        """Median and range of the per-repeat ratios to bare: each repeat's contenders ran
+        back to back, so a ratio within a repeat shares that minute's load."""
+        r = [x["tokens_per_sec"] / b["tokens_per_sec"] for x, b in zip(runs, results["bare"])]
+        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
     for name, runs in results.items():
         rate = statistics.median(x["tokens_per_sec"] for x in runs)
         gflops = rate * fpt / 1e9
@@ -477,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{gflops:.1f}",
                 f"{gflops / peak:.0%}",
                 f"{rate / base:.2f}x" if base else "",
+                paired(runs) if base else "",
                 f"{statistics.median(x['peak_rss_mb'] for x in runs):.0f}",
             ]
         )
@@ -487,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "model GFLOP/s",
         "of matmul peak",
         "vs bare",
+        "vs bare per repeat (median, range)",
         "peak RSS MB",
     ]
     table = _report.table(headers, rows) if rows else "(no contenders run)"

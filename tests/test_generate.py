@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +469,262 @@ def test_sampling_a_model_with_non_finite_logits_is_a_one_line_error():
     with pytest.raises(SamplingError, match="logits are not finite") as e:
         generate(broken, prompt, SamplingConfig(max_new_tokens=3, temperature=1.0, seed=0))
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ interactive mode, startup
+
+
+def test_interactive_needs_a_terminal_and_no_batch(compose_cfg, model_dir):
+    import io
+
+    from omegaconf import OmegaConf
+
+    from pocketgpt.cli.generate import run
+
+    both = compose_cfg(
+        f"model_uri={model_dir}", "interactive=true", "prompts=[a,b]", name="generate"
+    )
+    with pytest.raises(ConfigError, match=r"interactive=true .* prompts=\['a', 'b'\] was given"):
+        OmegaConf.to_object(both)
+    cfg = OmegaConf.to_object(
+        compose_cfg(f"model_uri={model_dir}", "interactive=true", name="generate")
+    )
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(ConfigError, match="needs a terminal on stdin") as e:
+        run(cfg, out, err, inp=io.StringIO("a prompt\n"))  # a pipe or a file: refused
+    assert "\n" not in str(e.value)
+    assert out.getvalue() == err.getvalue() == ""  # refused before loading or printing anything
+
+
+def test_chat_answers_a_terminal_until_end_of_input(model, tokenizer):
+    """A real pseudo-terminal as input: a prompt, then Ctrl-D (end of input) at the next one."""
+    import io
+
+    from pocketgpt.cli.generate import PROMPT_MARK, chat
+
+    cfg = SamplingConfig(max_new_tokens=8)
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"Once upon a time\n\x04")
+        out, err = io.StringIO(), io.StringIO()
+        with open(slave, encoding="utf-8", closefd=False) as terminal:
+            assert terminal.isatty()
+            texts = chat(model, tokenizer, cfg, terminal, out, err)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert texts == generate_text(model, tokenizer, ["Once upon a time"], cfg)
+    assert out.getvalue() == texts[0] + "\n"
+    assert err.getvalue().count(PROMPT_MARK) == 2 and "tokens/s" in err.getvalue()
+
+
+class _Terminal:
+    """``pocketgpt-generate interactive=true ARGS`` with a pseudo-terminal as its stdin; its
+    stdout and stderr are read as they come."""
+
+    def __init__(self, *args: str, cwd):
+        import threading
+
+        self.master, slave = os.openpty()
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [sys.executable, "-m", "pocketgpt.generate", "interactive=true", *args]
+        self.proc = subprocess.Popen(
+            cmd, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env
+        )
+        os.close(slave)
+        self.out, self.err = bytearray(), bytearray()
+        self._readers = [
+            threading.Thread(target=self._drain, args=(pipe, buf), daemon=True)
+            for pipe, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(pipe, buf: bytearray) -> None:
+        while chunk := pipe.read1(4096):
+            buf.extend(chunk)
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def wait_for(self, done, timeout: float = 90) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"timed out; stderr: {self.err.decode()[-2000:]}"
+            time.sleep(0.02)
+
+    def prompts_shown(self) -> int:
+        from pocketgpt.cli.generate import PROMPT_MARK
+
+        return self.err.decode().count(PROMPT_MARK)
+
+    def exit_status(self, timeout: float = 30) -> int:
+        """Wait for the command to end and its output to be read; -> its exit status."""
+        status = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return status
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.mark.slow  # spawns the command
+def test_interactive_command_answers_prompts_until_a_blank_line(model_dir, model, tokenizer):
+    prompts = ["The meaning of life is", "Once upon a time"]
+    with _Terminal(f"model_uri={model_dir}", "max_new_tokens=12", cwd=ROOT) as term:
+        for i, prompt in enumerate(prompts, start=1):
+            term.wait_for(lambda i=i: term.prompts_shown() == i)
+            term.type(prompt + "\n")
+        term.wait_for(lambda: term.prompts_shown() == 3)
+        term.type("\n")
+        assert term.exit_status() == 0, term.err.decode()
+    expected = generate_text(model, tokenizer, prompts, SamplingConfig(12))
+    assert term.out.decode() == "".join(text + "\n" for text in expected)  # one load, two answers
+    assert term.err.decode().count("tokens/s") == 2
+
+
+@pytest.mark.slow  # spawns the command
+def test_command_refuses_interactive_without_a_terminal(model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run(
+        [sys.executable, "-m", "pocketgpt.generate", f"model_uri={model_dir}", "interactive=true"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: interactive=true needs a terminal on stdin")
+    assert r.stderr.count("\n") == 1
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow  # spawns a process
+def test_importing_the_generate_command_imports_nothing_heavy():
+    """A cold start is mostly imports: the command module must not pay for MLflow, torch or
+    the training side before it knows what it needs."""
+    heavy = ["mlflow", "torch", "matplotlib", "datasets", "pandas", "sqlalchemy", "transformers"]
+    code = (
+        "import sys, pocketgpt.cli.generate; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "hydra" in loaded  # the check sees what was imported
+    assert not loaded & set(heavy), sorted(loaded & set(heavy))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model, tokenizer):
+    """A real SQLite MLflow store: two runs, each with its logged model (pocketgpt's own
+    log_model); the better one (val_bpb 1.0) registered as tiny@best. -> facts about it."""
+    from pocketgpt.tracking.pyfunc import log_model
+    from pocketgpt.tracking.store import artifact_location, make_client
+
+    tmp = tmp_path_factory.mktemp("generate_store")
+    tokenizer.save(tmp / "tokenizer.json")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = make_client(uri)
+    exp = client.create_experiment("pocketgpt", artifact_location=artifact_location(uri))
+    infos = {}
+    for val_bpb in (2.0, 1.0):
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "val_bpb", val_bpb)
+        register = "tiny@best" if val_bpb == 1.0 else None
+        infos[val_bpb] = log_model(
+            client, run.info.run_id, model, tmp / "tokenizer.json", 3, register
+        )
+        client.set_terminated(run.info.run_id)
+    best = infos[1.0]
+    return {"uri": uri, "client": client, "best": best, "tmp": tmp}
+
+
+def _store_uris(best) -> list[str]:
+    return [
+        best.run_uri,
+        best.model_uri,
+        best.model_id,
+        "models:/tiny/1",
+        "models:/tiny/latest",
+        "models:/tiny@best",
+        "best:pocketgpt",
+    ]
+
+
+@pytest.mark.slow  # builds an MLflow store
+def test_sqlite_lookups_agree_with_mlflow_and_read_in_place(store, tmp_path):
+    from pocketgpt.tracking import registry
+
+    uri, client, best = store["uri"], store["client"], store["best"]
+    assert registry.best_model_uri("pocketgpt", "val_bpb", "min", uri)[0] == best.model_uri
+    assert registry.best_model_uri("pocketgpt", "val_bpb", "max", uri)[0] != best.model_uri
+    folder = Path(client.get_logged_model(best.model_id).artifact_location.removeprefix("file://"))
+    for model_uri in _store_uris(best)[:-1]:
+        full = f"models:/{model_uri}" if model_uri.startswith("m-") else model_uri
+        # the direct read of the SQLite tables names the same files as MLflow's client
+        assert registry._sqlite_location(uri, full) == registry._artifact_location(client, full)
+        assert registry.resolve(model_uri, tmp_path, uri) == folder, model_uri
+    assert registry.resolve("best:pocketgpt", tmp_path, uri) == folder
+    assert not list(tmp_path.iterdir())  # read in place: nothing downloaded or copied
+    # Not found by the direct read: MLflow's client answers, in its own words.
+    with pytest.raises(ModelURIError, match="cannot load 'models:/tiny@nope'"):
+        registry.resolve("models:/tiny@nope", tmp_path, uri)
+
+
+@pytest.mark.slow  # spawns a process
+def test_store_uris_load_without_importing_mlflow(store, model):
+    code = (
+        "import sys, pocketgpt\n"
+        "for uri in sys.argv[2:]:\n"
+        "    m, _ = pocketgpt.load(uri, tracking_uri=sys.argv[1])\n"
+        "    print(float(m.tok_emb.weight.double().sum()))\n"
+        "print('mlflow' in sys.modules, 'sqlalchemy' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    uris = _store_uris(store["best"])
+    r = subprocess.run(
+        [sys.executable, "-c", code, store["uri"], *uris],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    *sums, modules = r.stdout.splitlines()
+    assert sums == [str(float(model.tok_emb.weight.detach().double().sum()))] * len(uris)
+    assert modules == "False False"
+
+
+@pytest.mark.slow  # spawns the command
+def test_interactive_command_ctrl_c_stops_an_answer_then_ends(store):
+    """From a registered model; Ctrl-C stops an endless answer, and at the prompt ends."""
+    import signal
+
+    args = ["model_uri=models:/tiny@best", f"tracking_uri={store['uri']}", "max_new_tokens=1000000"]
+    with _Terminal(*args, cwd=store["tmp"]) as term:
+        term.wait_for(lambda: term.prompts_shown() == 1)
+        term.type("Once upon a time\n")
+        term.wait_for(lambda: len(term.out) > 20)  # the answer is streaming
+        term.proc.send_signal(signal.SIGINT)
+        term.wait_for(lambda: term.prompts_shown() == 2)
+        assert "(stopped)" in term.err.decode()
+        term.proc.send_signal(signal.SIGINT)
+        assert term.exit_status() == 130, term.err.decode()
+    assert "Traceback" not in term.err.decode()

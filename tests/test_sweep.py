@@ -7,23 +7,31 @@ tokenizer trains once.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+from hydra.core.utils import JobReturn, JobStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pocketgpt.config import ConfigError, TrackingConfig
+from pocketgpt.errors import NonFiniteLossError
 from pocketgpt.tracking.run import Tracker
 from pocketgpt.tracking.store import RetryingClient
 from pocketgpt.tracking.sweep import (
     PARENT_FILE,
+    MlflowSweepCallback,
+    SweepJobFailed,
     SweepParent,
     children,
     close_parent,
     error_message,
+    read_parent,
     record_failed_job,
     sweep_keys,
+    where_runs_go,
+    write_parent,
 )
 
 from .conftest import run_multirun, sweep_overrides
@@ -64,6 +72,11 @@ def test_multirun_nests_every_job_under_one_parent_run(tmp_path, shared_cache):
     assert "optim.lr=1e-3,3e-3 model.num_layers=1,2" in parent.data.tags["sweep.overrides"]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.jobs"] == "4" and parent.data.tags["sweep.failed"] == "0"
+    # The terminal says where the runs went and how to compare them.
+    assert f"MLflow sweep: parent run {parent.info.run_id} " in proc.stdout
+    assert "in experiment 'sweeps'" in proc.stdout
+    compare = f"compare its jobs: pocketgpt-compare sweeps --sweep {parent.info.run_id[:8]}\n"
+    assert compare in proc.stdout
 
     # The cartesian product, one job each; every child's params are its own overrides.
     assert [c.data.tags["hydra.job.num"] for c in children] == ["0", "1", "2", "3"]
@@ -105,6 +118,7 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, shared_cache):
     )
     assert proc.returncode == 1  # Hydra reports the failure once every job has run
     assert "Error executing job" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line per failed job; tracebacks in job logs
     client, parent, children = load_sweep(tmp_path)
     assert len(children) == 4
     by_job = {(c.data.params["optim.lr"], c.data.params["model.n_heads"]): c for c in children}
@@ -125,6 +139,16 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, shared_cache):
     assert in_run.data.tags["error"].startswith("NonFiniteLossError: the training loss became")
     assert in_run.data.params["optim.lr"] == "1e+30"
     assert "train_loss" in in_run.data.metrics  # what was logged before the failure stays
+    num = in_run.data.tags["hydra.job.num"]
+    job_log = Path(parent.data.tags["sweep.dir"]) / num / "train.log"
+    failures = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: sweep job #")]
+    assert len(failures) == 3
+    assert (
+        f"error: sweep job #{num} failed: NonFiniteLossError: the training loss became nan "
+        in proc.stderr
+    )
+    assert f"(traceback in {job_log})" in proc.stderr
+    assert "Traceback (most recent call last)" in job_log.read_text()
 
     assert by_job["1e+30", "3"].data.tags["error"].startswith("ConfigError")
     assert parent.info.status == "FINISHED"  # one job succeeded
@@ -144,6 +168,11 @@ def test_joblib_runs_parallel_jobs_into_one_sqlite_store(tmp_path, shared_cache)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "database is locked" not in proc.stdout + proc.stderr
+    # No terminal: no bars (no carriage returns); each job's evaluations behind its number.
+    assert "\r" not in proc.stdout + proc.stderr
+    for num in range(4):
+        assert f"#{num} step 2: val loss" in proc.stdout
+    assert "train loss" not in proc.stdout  # step lines only in each job's train.log
     client, parent, children = load_sweep(tmp_path)
     assert "JoblibLauncher" in parent.data.tags["sweep.launcher"]
     assert parent.info.status == "FINISHED"
@@ -279,3 +308,65 @@ def test_parent_ends_failed_only_when_every_child_failed(tmp_path):
     assert parent.data.tags["sweep.failed"] == "1" and parent.data.tags["sweep.jobs"] == "2"
     assert parent.data.tags["sweep.best_run_id"] == ok.run_id
     assert parent.data.metrics["best_val_loss"] == 4.5
+
+
+def test_a_failed_job_is_one_line_on_the_terminal_and_a_traceback_in_its_log(
+    tmp_path, capsys, monkeypatch
+):
+    """on_job_end as Hydra calls it in the job's process, after its task raised."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment_name="units"))
+    run_id = tracker.start(run_name="sweep", tags={"pocketgpt.role": "sweep"})
+    write_parent(SweepParent(run_id, tracker.experiment_id, uri, str(tmp_path), ["optim.lr"]))
+    config = _failed_job_config(uri, 1, "optim.lr=1e30")
+    config.hydra.mode = "RunMode.MULTIRUN"
+    config.hydra.sweep = {"dir": str(tmp_path)}
+    try:
+        raise NonFiniteLossError("the training loss became nan at step 2; lower optim.lr")
+    except NonFiniteLossError as e:
+        job_return = JobReturn(status=JobStatus.FAILED, _return_value=e)
+    root = logging.getLogger()
+    job_log = logging.FileHandler(tmp_path / "train.log")
+    monkeypatch.setattr(root, "handlers", [job_log])
+    capsys.readouterr()  # MLflow's lines on creating the store
+    try:
+        MlflowSweepCallback().on_job_end(config, job_return)
+    finally:
+        job_log.close()
+
+    line = (
+        "sweep job #1 failed: NonFiniteLossError: the training loss became nan at step 2; "
+        f"lower optim.lr (traceback in {tmp_path / 'train.log'})"
+    )
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n"
+    logged = (tmp_path / "train.log").read_text()
+    assert "Traceback (most recent call last)" in logged and "raise NonFiniteLossError" in logged
+    # What Hydra raises at the end of the sweep: a compact exception, printed without traceback.
+    assert isinstance(job_return._return_value, SweepJobFailed)
+    assert str(job_return._return_value) == line
+    (child,) = children(MlflowClient(uri), read_parent(tmp_path))
+    assert child.info.status == "FAILED"
+    assert child.data.tags["error"].startswith("NonFiniteLossError: the training loss became nan")
+
+
+def test_a_sweep_says_where_its_runs_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    parent = SweepParent("0123456789abcdef", "1", default, str(tmp_path), ["optim.lr"])
+    # No store here yet: compare would not find it, so the line names it (and creates none).
+    text = where_runs_go(parent, "pocketgpt", "sweep 2026-01-01/12-00-00")
+    assert f"--tracking-uri {default}" in text and not (tmp_path / "mlruns").exists()
+    (tmp_path / "mlruns").mkdir()  # the default store of a sweep run from here
+    (tmp_path / "mlruns" / "mlflow.db").touch()
+    text = where_runs_go(parent, "pocketgpt", "sweep 2026-01-01/12-00-00")
+    assert text.splitlines()[:2] == [
+        "MLflow sweep: parent run 0123456789abcdef ('sweep 2026-01-01/12-00-00') in experiment "
+        f"'pocketgpt' (id 1) at {default}, a child run per job",
+        "  compare its jobs: pocketgpt-compare pocketgpt --sweep 01234567",
+    ]
+    assert "tracking.experiment_name=NAME gives a sweep an experiment of its own" in text
+    named = where_runs_go(parent, "lr_sweep", "sweep x")
+    assert len(named.splitlines()) == 2 and "--sweep 01234567" in named

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pocketgpt.tokenizer import (
@@ -17,6 +17,7 @@ from pocketgpt.tokenizer import (
     build_tokenizer,
     load_tokenizer,
 )
+from pocketgpt.tokenizer.pretokenize import PATTERNS, compiled, splitter
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.\n",
@@ -221,6 +222,20 @@ def test_incremental_training_equals_naive(texts):
     tok = BPETokenizer(vocab_size=256 + 20, special_tokens=())
     tok.train(texts)
     assert tok.merges == _naive_train(texts, 256 + 20)
+
+
+# Characters where an ASCII twin could part from its pattern: contractions in both cases, the
+# whitespace \s knows (and \x1c-\x1f, which str.isspace() counts but \s does not), letters,
+# digits, punctuation, controls.
+ASCII_EDGES = "'sdmtlvreSDMTLVRE aZ09_!.-\t\n\r\x0b\x0c\x1c\x1f\x7f\x00"
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=ASCII_EDGES, max_size=40) | st.text(st.characters(max_codepoint=127)))
+@example(text="IT'S I'LLx WE'VEr 'Dd'm'T they'RE\r\n\x1c 12345 !!\n")
+def test_ascii_twin_cuts_like_its_pattern(name, text):
+    assert splitter(name)(text) == compiled(name).findall(text)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -32,11 +33,17 @@ def _only_run(uri, experiment="pocketgpt"):
 
 def test_train_logs_a_complete_run(compose_cfg, tmp_path, store):
     (tmp_path / "mlruns").mkdir()
-    cfg = compose_cfg(*TINY, f"tracking.uri={store}", f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose_cfg(
+        *TINY,
+        f"tracking.uri={store}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "tracking.system_metrics_interval=0.1",
+    )
     val_loss = train(cfg)
 
     client, run = _only_run(store)
     assert run.info.status == "FINISHED"
+    _check_mlflow_conventions(client, run, tmp_path / "cache")
     params = run.data.params
     assert params["model.d_model"] == "32"
     assert params["tokenizer.kind"] == "bpe"
@@ -72,6 +79,36 @@ def test_train_logs_a_complete_run(compose_cfg, tmp_path, store):
     assert {"artifacts/model.safetensors", "artifacts/model_config.json"} <= model_files
     # The artifacts live beside the SQLite database, not in a cwd-relative folder.
     assert (tmp_path / "mlruns" / "artifacts").is_dir()
+
+
+def _check_mlflow_conventions(client, run, cache_dir):
+    """What the MLflow UI reads: experiment kind, dataset inputs, source, system metrics."""
+    from pocketgpt.config import DataConfig
+    from pocketgpt.data import embedded_corpus_dir, load_corpus
+
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "pocketgpt.train"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert len(tags["mlflow.source.git.commit"]) == 40  # the tests run in the git checkout
+    inputs = {
+        {t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["test", "train", "validation"]
+    fingerprint = load_corpus(DataConfig(), cache_dir).fingerprint
+    assert {d.digest for d in inputs.values()} == {fingerprint[:16]}
+    train_ds = inputs["train"]
+    assert train_ds.name == "wikitext2_mini/train"
+    assert json.loads(train_ds.source)["uri"] == str(embedded_corpus_dir() / "train.txt.gz")
+    profile = json.loads(train_ds.profile)
+    assert profile["tokens"] == int(run.data.params["derived.train_tokens"])
+    assert profile["bytes"] > profile["lines"] > 0
+    assert train_ds.source_type == "local"
+    # MLflow's system metrics sampler ran while the run was live (interval 0.1 s).
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
 
 
 def test_training_lowers_the_loss(compose_cfg, tmp_path, store):

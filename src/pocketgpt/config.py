@@ -58,6 +58,13 @@ class Device(StrEnum):
     mps = "mps"
 
 
+class Strategy(StrEnum):
+    auto = "auto"  # ddp when launched as several processes (torchrun, SLURM), else single
+    single = "single"  # one process
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model
+    fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded
+
+
 class Precision(StrEnum):
     auto = "auto"  # bf16 on CUDA where supported, else fp16 there; fp32 on CPU and MPS
     fp32 = "fp32"
@@ -69,6 +76,12 @@ class Compile(StrEnum):
     auto = "auto"  # on CUDA only: on the CPU it measured slower (BENCHMARKS.md)
     true = "true"
     false = "false"
+
+
+class Progress(StrEnum):
+    auto = "auto"  # the bar when stderr is a terminal (or a notebook), plain log lines elsewhere
+    true = "true"  # the bar wherever stderr goes
+    false = "false"  # plain log lines only
 
 
 class OnNonFinite(StrEnum):
@@ -232,6 +245,7 @@ class TrainerConfig:
     """The training loop: device, precision, budget, batching, evaluation, checkpoints."""
 
     device: Device = Device.auto
+    strategy: Strategy = Strategy.auto  # how several processes share a step (torchrun, SLURM)
     precision: Precision = Precision.auto  # autocast; fp16 adds a GradScaler
     # auto | true | false. A string, not a Compile field: Hydra reads `trainer.compile=true`
     # as a bool, which an Enum field would refuse; __post_init__ turns it into a Compile.
@@ -263,13 +277,19 @@ class TrainerConfig:
     sample_temperature: float = 0.8
     sample_top_p: float | None = 0.95
     sample_seed: int = 1337  # a private RNG: the same model always prints the same sample
-    progress: bool = True  # a tqdm progress bar on stderr
+    # auto | true | false: a tqdm bar on stderr, or one plain log line per log step
+    # (pocketgpt.progress). A string for the reason compile is one; __post_init__ makes a Progress.
+    progress: str = "auto"
 
     def __post_init__(self) -> None:
         value = str(self.compile).lower()
         if value not in Compile.__members__:
             raise ConfigError(f"trainer.compile={self.compile!r} is not one of auto, true, false")
         self.compile = Compile(value)
+        value = str(self.progress).lower()
+        if value not in Progress.__members__:
+            raise ConfigError(f"trainer.progress={self.progress!r} is not one of auto, true, false")
+        self.progress = Progress(value)
         _positive(
             **{
                 "trainer.batch_size": self.batch_size,
@@ -313,8 +333,17 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True  # log the final model as an MLflow Model (pyfunc), linked to the run
     register_as: str | None = None  # NAME or NAME@ALIAS: register the final model as a version
+    # MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU
+    # figures where nvidia-ml-py is installed), sampled every system_metrics_interval seconds
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.system_metrics_interval <= 0:
+            raise ConfigError(
+                f"tracking.system_metrics_interval={self.system_metrics_interval} must be "
+                "positive (seconds between samples), e.g. 10"
+            )
         reg = self.register_as
         if reg is None:
             return
@@ -420,6 +449,16 @@ class GenerateConfig(SamplingConfig):
     # BENCHMARKS.md); null = torch's default.
     threads: int | None = 1
     stream: bool = True  # print a single prompt's tokens as they come
+    # Load once, then answer prompt after prompt typed on the terminal (stdin must be one).
+    interactive: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.interactive and self.prompts:
+            raise ConfigError(
+                f"interactive=true reads its prompts from the terminal, and prompts="
+                f"{list(self.prompts)} was given too; drop prompts=, or drop interactive=true"
+            )
 
 
 def register_configs() -> None:

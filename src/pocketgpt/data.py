@@ -196,6 +196,29 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
     return Corpus(name=name, **texts)
 
 
+def split_sources(cfg: DataConfig) -> tuple[str, dict[str, str]]:
+    """Where each split's text comes from: (source type, {split: source}), as MLflow records a
+    dataset's origin (``local`` paths, ``hugging_face`` datasets).
+
+    ``data=files`` with ``validation_fraction``: the validation split's source is the training
+    file, with the held-out fraction named.
+    """
+    if cfg.source == "wikitext2_mini":
+        directory = embedded_corpus_dir()
+        return "local", {split: str(directory / f"{split}.txt.gz") for split in SPLITS}
+    if cfg.source == "wikitext2":
+        hub = f"hf://datasets/{cfg.hub_name}/{cfg.hub_config}"
+        return "hugging_face", {split: f"{hub}/{split}" for split in SPLITS}
+    sources = {
+        split: os.path.abspath(getattr(cfg, split)) for split in SPLITS if getattr(cfg, split)
+    }
+    if "validation" not in sources:
+        sources["validation"] = (
+            f"{sources['train']} (last {cfg.validation_fraction:g} of its lines)"
+        )
+    return "local", sources
+
+
 # --------------------------------------------------------------------------- tokenization
 
 

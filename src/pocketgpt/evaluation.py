@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pocketgpt.data import TokenizedSplit, TokenWindows
+from pocketgpt.distributed import Distributed, LossOf
 from pocketgpt.errors import ConfigError
 from pocketgpt.fused_loss import lm_loss
 from pocketgpt.model import GPTMini
@@ -45,12 +46,18 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     max_batches: int | None = None,
+    dist: Distributed | None = None,
 ) -> EvalResult:
     """Mean next-token loss over the split's non-overlapping windows.
 
     Any model whose ``model(x, y)`` returns (logits, loss) works. Bits per byte = loss / ln 2 *
-    tokens / bytes, using the split's own tokens-per-byte ratio.
+    tokens / bytes, using the split's own tokens-per-byte ratio. With ``dist`` (several
+    processes) each rank evaluates every world_size-th batch and the sums are all-reduced, so
+    every rank returns the figures one process would (up to the order of the additions).
+    Under FSDP (``model`` the sharded ``LossOf``) every rank runs every batch instead: each
+    forward gathers parameters from all ranks, so all must run the same forwards.
     """
+    dist = dist or Distributed()
     was_training = model.training
     model.eval()
     windows = TokenWindows(split.tokens, block_size)
@@ -58,13 +65,23 @@ def evaluate(
     for i, (x, y) in enumerate(windows.sequential_batches(batch_size)):
         if max_batches is not None and i >= max_batches:
             break
+        if dist.active and not dist.sharded and i % dist.world_size != dist.rank:
+            continue
         x, y = x.to(device), y.to(device)
         with autocast_context(device, precision):
             # lm_loss: the same mean loss without storing the (B, T, vocab) logits.
-            loss = lm_loss(model, x, y) if isinstance(model, GPTMini) else model(x, y)[1]
+            if isinstance(model, LossOf):  # the training module: its forward is the loss
+                loss = model(x, y)
+            elif isinstance(model, GPTMini):
+                loss = lm_loss(model, x, y)
+            else:
+                loss = model(x, y)[1]
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
+    if dist.active and not dist.sharded:
+        total, count = dist.sum([total, count])
+    count = int(count)
     if count == 0:
         raise ConfigError(
             f"the evaluation split has {len(split.tokens)} tokens, fewer than one window of "

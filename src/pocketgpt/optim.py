@@ -11,9 +11,12 @@ from pocketgpt.errors import ConfigError
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: OptimConfig, device: torch.device
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device, sharded: bool = False
 ) -> torch.optim.Optimizer:
-    """Weight decay on matrices (Linear weights, embeddings), none on biases and LayerNorms."""
+    """Weight decay on matrices (Linear weights, embeddings), none on biases and LayerNorms.
+
+    ``sharded``: the parameters are FSDP2 shards, which the fused AdamW kernels do not take.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -27,7 +30,7 @@ def build_optimizer(
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
-            fused=device.type in ("cuda", "cpu"),
+            fused=device.type in ("cuda", "cpu") and not sharded,
         )
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

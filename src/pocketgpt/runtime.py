@@ -10,11 +10,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pocketgpt.config import TrainerConfig
+from pocketgpt.distributed import Distributed, setup
 from pocketgpt.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -109,15 +110,21 @@ class Runtime:
     allocator: str = "default"  # what tune_cpu_allocator did, for the log
     auto_precision: bool = False  # precision and compile were chosen by "auto" (for the log)
     auto_compile: bool = False
+    dist: Distributed = field(default_factory=Distributed)  # this process among the job's
 
     @classmethod
     def from_config(cls, cfg: TrainerConfig) -> Runtime:
-        """Resolve trainer.device, precision and compile, and apply the process-wide settings
+        """Resolve trainer.device, precision and compile, join the job's process group when
+        launched as several processes (torchrun, SLURM), and apply the process-wide settings
         (torch's thread count, the CPU allocator)."""
         device = resolve_device(cfg.device)
+        dist = setup(cfg.strategy, device)
+        if device.type == "cuda" and dist.active:
+            device = torch.device("cuda", dist.local_rank)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         return cls(
+            dist=dist,
             device=device,
             precision=resolve_precision(cfg.precision, device),
             compiled=should_compile(cfg.compile, device),
@@ -149,4 +156,5 @@ class Runtime:
             f"{threads}, {optimizer}, "
             + ("fused chunked head+loss, " if self.fused_head else "")
             + self.allocator
+            + (f", {self.dist.describe()}" if self.dist.active else "")
         )

@@ -10,9 +10,11 @@ minimize. The command line (``pocketgpt-train``, ``python -m pocketgpt.train``) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from pocketgpt import __version__
 from pocketgpt.checkpoint import CheckpointWriter, Resume, config_hash, resolve_resume
 from pocketgpt.config import SamplingConfig, TrainConfig, TrainerConfig, validate
-from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, tokenize_corpus
+from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, split_sources, tokenize_corpus
 from pocketgpt.errors import ConfigError, SamplingError
 from pocketgpt.evaluation import EvalResult, evaluate
 from pocketgpt.model import GPTMini
+from pocketgpt.progress import say
 from pocketgpt.runtime import Runtime
 from pocketgpt.sampling import generate
 from pocketgpt.tokenizer import Tokenizer, build_tokenizer
+from pocketgpt.tracking.environment import (
+    REQUIREMENTS_DIR,
+    REQUIREMENTS_FILE,
+    environment_tags,
+    pip_freeze,
+)
+from pocketgpt.tracking.rerun import check_rerun, pop_rerun
 from pocketgpt.tracking.run import (
     CHECKPOINT_DIR_TAG,
     Tracker,
@@ -55,6 +65,9 @@ def hydra_context() -> dict:
     }
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class TrainingJob:
     """The pieces of one job, built and checked; nothing recorded yet."""
@@ -72,6 +85,7 @@ class TrainingJob:
     model: GPTMini
     trainer: Trainer
     checkpoint_dir: Path | None
+    tags: dict[str, str] = field(default_factory=dict)  # more tags of its run (a rerun's source)
 
 
 @dataclass
@@ -91,25 +105,40 @@ def train(dcfg: DictConfig) -> float:
 
 def build(dcfg: DictConfig) -> TrainingJob:
     """Check the config and make every piece of the job, in a fixed order (the seed is set
-    before the model is built, so the same config gives the same numbers)."""
+    before the model is built, so the same config gives the same numbers).
+
+    A config with ``rerun: RUN_ID`` (``pocketgpt-train +rerun=RUN_ID``) is a rerun of that run:
+    what differs from its environment is logged as warnings, and the new run tagged with it."""
+    dcfg, rerun_of = pop_rerun(dcfg)
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     validate(cfg)
     hydra_ctx = hydra_context()
-    runtime = Runtime.from_config(cfg.trainer)
+    runtime = Runtime.from_config(cfg.trainer)  # joins the process group under torchrun
+    dist = runtime.dist
+    # Rank 0's output folder is the job's (other ranks' Hydra writes nothing there).
+    hydra_ctx["output_dir"] = dist.broadcast(hydra_ctx["output_dir"])
     torch.manual_seed(cfg.trainer.seed)
 
     resolved = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
     cfg_hash = config_hash(resolved)
     tracker = Tracker(cfg.tracking)
-    tracker.check_reachable()  # before any slow work: a server that is down fails at once
-    # resume=auto looks in this job's own output folder first (hydra.run.dir reused).
-    resume = resolve_resume(cfg.trainer, cfg_hash, tracker, hydra_ctx["output_dir"])
-    if resume is None and cfg.trainer.resume == "auto":
-        print("trainer.resume=auto: no unfinished run of this config; starting fresh", flush=True)
+    resume = None
+    if dist.is_main:  # rank 0 alone talks to the tracking store
+        tracker.check_reachable()  # before any slow work: a server that is down fails at once
+        # resume=auto looks in this job's own output folder first (hydra.run.dir reused).
+        resume = resolve_resume(cfg.trainer, cfg_hash, tracker, hydra_ctx["output_dir"])
+        if resume is None and cfg.trainer.resume == "auto":
+            say(log, "trainer.resume=auto: no unfinished run of this config; starting fresh")
+    # Every rank continues from the checkpoint rank 0 found.
+    resume = dist.broadcast(resume)
 
+    if not dist.is_main:
+        dist.barrier()  # rank 0 fills the corpus, tokenizer and token caches first
     corpus = load_corpus(cfg.data, cfg.cache_dir)
     tokenizer, tokenizer_path = build_tokenizer(cfg.tokenizer, corpus.train, cfg.cache_dir)
     splits = tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
+    if dist.is_main:
+        dist.barrier()
     if cfg.model.vocab_size not in (None, tokenizer.vocab_size):
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's "
@@ -134,10 +163,12 @@ def build(dcfg: DictConfig) -> TrainingJob:
                 "mlflow_run_id": tracker.run_id,
             },
         )
-    hooks = TrainerHooks(
-        log_metrics=tracker.log_metrics,
-        on_checkpoint=_mlflow_checkpoint_copier(tracker, cfg.trainer),
-    )
+    hooks = TrainerHooks()  # other ranks: figures are all-reduced, rank 0 logs them
+    if dist.is_main:
+        hooks = TrainerHooks(
+            log_metrics=tracker.log_metrics,
+            on_checkpoint=_mlflow_checkpoint_copier(tracker, cfg.trainer),
+        )
     # Built before the MLflow run starts, so that a corpus too small for one batch fails
     # without leaving a run behind.
     trainer = Trainer(
@@ -150,6 +181,10 @@ def build(dcfg: DictConfig) -> TrainingJob:
         checkpoints=checkpoints,
         resume=resume.checkpoint if resume else None,
     )
+    tags = {}
+    if rerun_of is not None and dist.is_main:  # read-only: still nothing recorded
+        env = environment_tags(runtime)
+        tags = check_rerun(rerun_of, tracker.uri, env, _fingerprints(corpus, tokenizer))
     return TrainingJob(
         cfg=cfg,
         resolved=resolved,
@@ -164,6 +199,7 @@ def build(dcfg: DictConfig) -> TrainingJob:
         model=model,
         trainer=trainer,
         checkpoint_dir=checkpoint_dir,
+        tags=tags,
     )
 
 
@@ -171,10 +207,13 @@ def run(job: TrainingJob) -> TrainOutcome:
     """Start (or resume) the MLflow run and train, test, sample and log the model in it; the
     run ends FINISHED, FAILED or KILLED (Ctrl-C) whatever happens."""
     cfg, tracker, model, runtime = job.cfg, job.tracker, job.model, job.runtime
+    if not runtime.dist.is_main:
+        return _run_other_rank(job)
     tags = {
         "pocketgpt.version": __version__,
         "hydra.overrides": " ".join(job.hydra["overrides"]) or "(none)",
         **process_tags(),
+        **job.tags,
     }
     if job.hydra["job_num"] is not None:
         tags["hydra.job.num"] = str(job.hydra["job_num"])
@@ -186,18 +225,20 @@ def run(job: TrainingJob) -> TrainOutcome:
     else:
         # In a multirun, a child of the sweep's parent run (pocketgpt.sweep).
         tracker.start(**child_run_kwargs(cfg.tracking.run_name, tags, job.hydra))
+    runtime.dist.broadcast(tracker.run_id)  # every rank's checkpoints name the run
     status = "FAILED"
     try:
         if job.checkpoint_dir is not None:
             # Runs of earlier jobs in this checkpoint folder killed before they could end
             # (kill -9 before any checkpoint) would otherwise say RUNNING forever.
             for orphan in end_orphaned_runs(tracker, job.checkpoint_dir, tracker.run_id):
-                print(f"marked MLflow run {orphan} KILLED (its job was killed)", flush=True)
+                say(log, f"marked MLflow run {orphan} KILLED (its job was killed)")
         train_tokens = len(job.splits["train"].tokens)
         if resumed:
-            print(f"resuming MLflow run {tracker.run_id} from {job.resume.path}", flush=True)
+            say(log, f"resuming MLflow run {tracker.run_id} from {job.resume.path}")
         else:
-            _log_run_inputs(tracker, job.resolved, job.hydra, job.tokenizer_path)
+            _log_run_inputs(tracker, job)
+            _log_corpus(tracker, job)
             tracker.log_params(
                 {
                     "derived.vocab_size": job.tokenizer.vocab_size,
@@ -207,25 +248,16 @@ def run(job: TrainingJob) -> TrainOutcome:
                     "derived.corpus": job.corpus.name,
                 }
             )
-        print(
+        say(
+            log,
             f"pocketgpt {__version__}: {model.num_params():,} parameters, vocab "
             f"{job.tokenizer.vocab_size}, {train_tokens:,} train tokens, on {runtime.device}",
-            flush=True,
         )
         result = job.trainer.fit()
-        test = None
-        if "test" in job.splits:
-            test = evaluate(
-                model,
-                job.splits["test"],
-                cfg.data.block_size,
-                cfg.trainer.batch_size,
-                runtime.device,
-                runtime.precision,
-                cfg.trainer.eval_max_batches,
-            )
-        else:
-            print("no test split (data.test not given): skipping the test evaluation", flush=True)
+        test = _test(job)
+        model = job.model = job.trainer.final_model()  # FSDP: gathered from the shards
+        if test is None:
+            say(log, "no test split (data.test not given): skipping the test evaluation")
         # time_*: seconds of training spent on data, compute, tracking, progress, eval, ...
         timings = {f"time_{k}": v for k, v in result.timings.items()}
         tracker.log_metrics(
@@ -252,13 +284,13 @@ def run(job: TrainingJob) -> TrainOutcome:
             )
         status = "FINISHED"
         final = result.final_val
-        print(
+        say(
+            log,
             f"\nfinal: val loss {final.loss:.4f} (bpb {final.bpb:.4f}), "
             + (f"test loss {test.loss:.4f} (bpb {test.bpb:.4f})" if test else "no test split")
             + f" after {result.steps} steps, {result.train_time:.0f} s\n"
             f"sample: {sample!r}\n"
             f"MLflow: {tracker.run_url()}" + (f"\nmodel: {logged.describe()}" if logged else ""),
-            flush=True,
         )
         return TrainOutcome(result, test, sample, logged)
     except KeyboardInterrupt:
@@ -266,6 +298,43 @@ def run(job: TrainingJob) -> TrainOutcome:
         raise
     finally:
         tracker.end(status)
+
+
+def _test(job: TrainingJob) -> EvalResult | None:
+    """The test split's figures (sharded over the ranks), or None without a test split."""
+    if "test" not in job.splits:
+        return None
+    cfg, runtime = job.cfg, job.runtime
+    return evaluate(
+        job.trainer.eval_model,
+        job.splits["test"],
+        cfg.data.block_size,
+        cfg.trainer.batch_size,
+        runtime.device,
+        runtime.precision,
+        cfg.trainer.eval_max_batches,
+        dist=runtime.dist,
+    )
+
+
+def _run_other_rank(job: TrainingJob) -> TrainOutcome:
+    """A rank other than 0: train and test in step with rank 0, which tracks and samples."""
+    job.tracker.run_id = job.runtime.dist.broadcast(None)
+    try:
+        result = job.trainer.fit()
+        test = _test(job)
+        job.trainer.final_model()  # its part of gathering FSDP's shards for rank 0
+    except Exception as e:
+        # Rank 0 will see only a broken collective: the run keeps this rank's own reason.
+        first_line = (str(e).splitlines() or [""])[0]
+        with contextlib.suppress(Exception):
+            job.tracker.client.set_tag(
+                job.tracker.run_id,
+                f"error.rank{job.runtime.dist.rank}",
+                f"{type(e).__name__}: {first_line}"[:5000],
+            )
+        raise
+    return TrainOutcome(result, test, "", None)
 
 
 def _sample(job: TrainingJob) -> str:
@@ -296,6 +365,21 @@ def _sample(job: TrainingJob) -> str:
     return texts["sample.txt"]
 
 
+def _log_corpus(tracker: Tracker, job: TrainingJob) -> None:
+    """The corpus's splits as the run's MLflow dataset inputs."""
+    source_type, sources = split_sources(job.cfg.data)
+    profiles = {}
+    for split, tokenized in job.splits.items():
+        text = getattr(job.corpus, split)
+        profiles[split] = {
+            "source": sources[split],
+            "bytes": len(text.encode("utf-8")),
+            "lines": text.count("\n"),
+            "tokens": len(tokenized.tokens),
+        }
+    tracker.log_corpus(job.corpus.name, job.corpus.fingerprint, source_type, profiles)
+
+
 def _checkpoint_dir(cfg: TrainConfig, hydra_ctx: dict) -> Path | None:
     if cfg.trainer.checkpoint_dir:
         return Path(cfg.trainer.checkpoint_dir)
@@ -315,16 +399,30 @@ def _mlflow_checkpoint_copier(tracker: Tracker, trainer_cfg: TrainerConfig):
     return copy
 
 
-def _log_run_inputs(tracker: Tracker, resolved: dict, hydra_ctx: dict, tokenizer_path: Path):
-    """Params (the flattened config) and the input artifacts of a new run."""
-    tracker.log_params(flatten(resolved))
+def _fingerprints(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, str]:
+    return {
+        "derived.corpus_fingerprint": corpus.fingerprint,
+        "derived.tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+
+
+def _log_run_inputs(tracker: Tracker, job: TrainingJob) -> None:
+    """What a new run is made of: params (the flattened config, the corpus and tokenizer
+    fingerprints), the config (config.yaml: what +rerun=RUN_ID reads back), Hydra's folder,
+    the tokenizer, and the environment it runs in (env.* tags, environment/requirements.txt)."""
+    tracker.log_params({**flatten(job.resolved), **_fingerprints(job.corpus, job.tokenizer)})
+    tracker.set_tags(environment_tags(job.runtime))
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.yaml"
-        config_file.write_text(OmegaConf.to_yaml(resolved))
+        config_file.write_text(OmegaConf.to_yaml(job.resolved))
         tracker.log_artifact(config_file)
-    if hydra_ctx["output_dir"] and (Path(hydra_ctx["output_dir"]) / ".hydra").is_dir():
-        tracker.log_artifact(Path(hydra_ctx["output_dir"]) / ".hydra", ".hydra")
-    tracker.log_artifact(tokenizer_path, "tokenizer")
+        freeze = Path(tmp) / REQUIREMENTS_FILE
+        freeze.write_text(pip_freeze())
+        tracker.log_artifact(freeze, REQUIREMENTS_DIR)
+    output_dir = job.hydra["output_dir"]
+    if output_dir and (Path(output_dir) / ".hydra").is_dir():
+        tracker.log_artifact(Path(output_dir) / ".hydra", ".hydra")
+    tracker.log_artifact(job.tokenizer_path, "tokenizer")
 
 
 if __name__ == "__main__":

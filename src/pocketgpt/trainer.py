@@ -3,12 +3,13 @@ Ctrl-C and SIGTERM, and where the time goes.
 
 The rooms it draws on: ``runtime`` (device, precision, compile), ``optim`` (optimizer and
 schedule), ``evaluation`` (validation figures), ``checkpoint`` (writing them). What the loop
-reports goes through ``TrainerHooks``, given at construction.
+reports goes through ``TrainerHooks``, given at construction; what it shows (a bar, log lines
+through the ``pocketgpt.trainer`` logger) goes through ``progress``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import signal
 import threading
@@ -18,16 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pocketgpt.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from pocketgpt.config import OptimConfig, TrainerConfig
 from pocketgpt.data import TokenizedSplit, TokenWindows
+from pocketgpt.distributed import (
+    LossOf,
+    full_state_dicts,
+    gradient_sync,
+    load_full_state_dicts,
+    wrap,
+)
 from pocketgpt.errors import ConfigError, NonFiniteLossError
 from pocketgpt.evaluation import EvalResult, evaluate
 from pocketgpt.fused_loss import lm_loss
 from pocketgpt.model import GPTMini
 from pocketgpt.optim import build_optimizer, describe_optimizer, lr_factor, set_lr
+from pocketgpt.progress import TrainingProgress, say
+from pocketgpt.progress import log as progress_log
 from pocketgpt.runtime import Runtime
 
 
@@ -69,6 +78,10 @@ class _GracefulStop:
 
 def _ignore_metrics(metrics: dict[str, float], step: int) -> None:
     return None
+
+
+def _forward_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, y)[1]
 
 
 @dataclass
@@ -116,7 +129,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
     # Seconds of fit() spent in each part: data (batches), compute (forward, backward, optimizer),
-    # tracking (log_metrics), progress (the bar), eval, checkpoint, and total (all of fit).
+    # tracking (log_metrics), progress (the bar and the log lines), eval, checkpoint, and total.
     timings: dict[str, float] = field(default_factory=dict)
     # Each validation pass of fit(): its step, train_seconds (fit's time before it, evaluations
     # left out) and the EvalResult fields: a validation curve against training time.
@@ -155,6 +168,12 @@ class Trainer:
         self.validation = data.validation
         self.hooks = hooks or TrainerHooks()
         self.checkpoints = checkpoints
+        self.dist = runtime.dist
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"trainer.batch_size={cfg.batch_size} (the global batch) does not divide among "
+                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
+            )
         self.batches_per_epoch = len(self.train_windows) // cfg.batch_size
         if self.batches_per_epoch < cfg.grad_accum:
             raise ConfigError(
@@ -168,8 +187,13 @@ class Trainer:
         self.model = torch.compile(model) if runtime.compiled else model
         # Training reads only the loss: lm_loss skips storing the (B, T, vocab) logits.
         # A compiled model goes through forward, which torch.compile fuses itself.
-        self._lm_loss = not runtime.compiled and isinstance(model, GPTMini)
-        self.optimizer = build_optimizer(model, optim_cfg, self.device)
+        use_lm_loss = not runtime.compiled and isinstance(model, GPTMini)
+        loss_fn = lm_loss if use_lm_loss else _forward_loss
+        # Several processes: each rank's loss goes through DDP or FSDP (pocketgpt.distributed).
+        self.step_module = wrap(LossOf(self.model, loss_fn), self.dist, self.device)
+        self.optimizer = build_optimizer(
+            self.step_module, optim_cfg, self.device, sharded=self.dist.sharded
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.precision == "fp16")
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
         self.state = LoopState()
@@ -184,8 +208,14 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
 
     def _restore(self, ckpt: dict) -> None:
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_full_state_dicts(
+            self.step_module,
+            self.raw_model,
+            self.optimizer,
+            ckpt["model"],
+            ckpt["optimizer"],
+            self.dist,
+        )
         if ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState(**ckpt["loop"])
@@ -199,9 +229,17 @@ class Trainer:
         try:
             step = self.state.step
             epoch, batch = divmod(step * self.cfg.grad_accum, self.batches_per_epoch)
+            # Every rank takes part (FSDP gathers its shards); rank 0 alone writes.
+            model_sd, optim_sd = full_state_dicts(
+                self.step_module, self.raw_model, self.optimizer, self.dist
+            )
+            if not self.dist.is_main:
+                self.dist.barrier()  # until rank 0's file is complete
+                self.last_checkpoint = self.dist.broadcast(None)
+                return self.last_checkpoint
             state = {
-                "model": self.raw_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_sd,
+                "optimizer": optim_sd,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "rng": rng_state(),
                 "loop": self.state.to_dict(),
@@ -209,7 +247,8 @@ class Trainer:
                 "data": {"epoch": epoch, "batch_in_epoch": batch},
             }
             path = self.checkpoints.write(step, state, finished)
-            self.last_checkpoint = path
+            self.dist.barrier()
+            self.last_checkpoint = path = self.dist.broadcast(path)
             if self.hooks.on_checkpoint is not None:
                 self.hooks.on_checkpoint(path)
             return path
@@ -235,40 +274,67 @@ class Trainer:
 
     def _evaluate(self) -> EvalResult:
         return evaluate(
-            self.model,
+            self.eval_model,
             self.validation,
             self.block_size,
             self.cfg.batch_size,
             self.device,
             self.runtime.precision,
             self.cfg.eval_max_batches,
+            dist=self.dist,
         )
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._lm_loss:
-            return lm_loss(self.raw_model, x, y)
-        return self.model(x, y)[1]
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What evaluation runs: the model itself, or under FSDP the sharded training module
+        (its forward gathers the parameters)."""
+        return self.step_module if self.dist.sharded else self.model
+
+    def final_model(self) -> GPTMini | None:
+        """The trained model as one process holds it, for sampling and logging: the model
+        itself, or under FSDP a copy from the gathered shards (a collective; rank 0 gets the
+        copy, other ranks None)."""
+        if not self.dist.sharded:
+            return self.raw_model
+        state, _ = full_state_dicts(self.step_module, self.raw_model, self.optimizer, self.dist)
+        if not self.dist.is_main:
+            return None
+        model = GPTMini(self.raw_model.config)
+        model.load_state_dict(state)
+        return model.to(self.device)
+
+    def _shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (all of them in one process)."""
+        if not self.dist.active:
+            return t
+        per_rank = t.size(0) // self.dist.world_size
+        return t[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
 
     def _train_step(self, batches) -> tuple[float, torch.Tensor] | None:
         """One optimizer step over grad_accum micro-batches -> (mean loss, grad norm).
 
         Returns None when the loss was not finite and trainer.on_nonfinite=skip.
         """
-        cfg, model, opt, timings = self.cfg, self.model, self.optimizer, self.timings
+        cfg, opt, timings = self.cfg, self.optimizer, self.timings
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             _, x, y = next(batches)
+            x, y = self._shard(x), self._shard(y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             t1 = time.perf_counter()
             timings["data"] += t1 - t0
-            with self.runtime.autocast():
-                loss = self._loss(x, y)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            # Several processes: gradients are averaged once, in the last micro-batch.
+            with gradient_sync(self.step_module, sync=micro == cfg.grad_accum - 1):
+                with self.runtime.autocast():
+                    loss = self.step_module(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             # On the CPU .item() costs nothing (no device queue to drain) and the finite check
             # below must precede the optimizer step.
             step_loss += loss.item() / cfg.grad_accum
             timings["compute"] += time.perf_counter() - t1
+        if self.dist.active:  # the global batch's mean loss, the same on every rank
+            step_loss = self.dist.sum([step_loss])[0] / self.dist.world_size
         if not math.isfinite(step_loss):
             opt.zero_grad(set_to_none=True)
             if cfg.on_nonfinite == "skip":
@@ -284,7 +350,7 @@ class Trainer:
             )
         t0 = time.perf_counter()
         self.scaler.unscale_(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in self.step_module.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -298,7 +364,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, st, timings = self.cfg, self.state, self.timings
         clock = time.perf_counter
-        print(self.describe(), flush=True)
+        if self.dist.is_main:
+            say(progress_log, self.describe())
         self.model.train()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.block_size
         batches = self._batches(st.step)
@@ -307,13 +374,9 @@ class Trainer:
         evals: list[dict] = []
         start = window_start = clock()
         eval_time = 0.0
-        bar = tqdm(
-            total=self.total_steps,
-            initial=st.step,
-            disable=not cfg.progress,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
+        # Rank 0 alone reports: every rank's figures are the same (all-reduced).
+        progress = TrainingProgress(
+            self.total_steps, st.step, cfg.progress, shown=self.dist.is_main
         )
 
         def log(metrics: dict[str, float], step: int) -> None:
@@ -321,9 +384,9 @@ class Trainer:
             self.hooks.log_metrics(metrics, step)
             timings["tracking"] += clock() - t0
 
-        def write(line: str) -> None:
+        def write(line: str, level: int = logging.INFO) -> None:
             t0 = clock()
-            bar.write(line)
+            progress.line(line, level)
             timings["progress"] += clock() - t0
 
         def run_evaluation() -> EvalResult:
@@ -343,7 +406,7 @@ class Trainer:
             )
             return result
 
-        with _GracefulStop() as stop, contextlib.closing(bar):
+        with _GracefulStop() as stop, progress:
             if cfg.eval_at_start and st.step == 0 and self.total_steps > 0:
                 # The untrained model's figures: the baseline every later evaluation is read
                 # against (about ln(vocab) nats a token), as nanoGPT logs at iteration 0.
@@ -354,11 +417,11 @@ class Trainer:
                 out = self._train_step(batches)
                 st.step += 1
                 t0 = clock()
-                bar.update(1)
+                progress.advance()
                 timings["progress"] += clock() - t0
                 if out is None:
                     st.skipped_steps += 1
-                    write(f"step {st.step}: non-finite loss, step skipped")
+                    write(f"step {st.step}: non-finite loss, step skipped", logging.WARNING)
                     log({"skipped_steps": st.skipped_steps}, st.step)
                     continue
                 loss, grad_norm = out
@@ -377,17 +440,19 @@ class Trainer:
                     }
                     log(metrics, st.step)
                     t0 = clock()
-                    bar.set_postfix(
-                        loss=f"{metrics['train_loss']:.3f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{metrics['tokens_per_sec']:.0f}",
-                    )
+                    progress.step(st.step, self.total_steps, metrics)
                     timings["progress"] += clock() - t0
                     history.append({"step": st.step, **metrics})
                     st.window_loss, st.window_steps = 0.0, 0
                 out_of_time = (
                     cfg.max_time is not None and clock() - start - eval_time >= cfg.max_time
                 )
+                stopping = stop.signum is not None
+                if self.dist.active:
+                    # Clocks and signals differ between ranks, and every rank must take the
+                    # same branch (each holds collectives): a flag set on any rank counts.
+                    flags = self.dist.sum([float(out_of_time), float(stopping)])
+                    out_of_time, stopping = flags[0] > 0, flags[1] > 0
                 if st.step % cfg.eval_interval == 0 or st.step == self.total_steps or out_of_time:
                     result = run_evaluation()
                     if result.loss < st.best_val_loss - 1e-6:
@@ -403,9 +468,10 @@ class Trainer:
                     break
                 if cfg.checkpoint_interval and st.step % cfg.checkpoint_interval == 0:
                     self.save_checkpoint()
-                if stop.signum is not None:
-                    write(f"{signal.Signals(stop.signum).name}: stopping after step {st.step}")
-                    raise TrainingInterrupted(stop.signum, self.save_checkpoint())
+                if stopping:
+                    signum = stop.signum or signal.SIGTERM  # another rank's signal
+                    write(f"{signal.Signals(signum).name}: stopping after step {st.step}")
+                    raise TrainingInterrupted(signum, self.save_checkpoint())
         if st.last_eval is None:  # only when no step ran at all
             t0 = clock()
             st.last_eval = vars(self._evaluate())

@@ -12,6 +12,13 @@ Merge order: the most frequent pair first; a tie goes to the smallest pair of id
 (ab, c) after (a, bc)) reuses that id instead of adding a duplicate, like Hugging Face's trainer;
 so ``vocab_size`` counts distinct tokens and merges may outnumber new tokens. No token is learned
 whose bytes spell a special token (``b"<eos>"``): in tokenizer.json they would share one key.
+
+Encoding has two engines with identical ids. Both cut the text into pieces (``pretokenize``)
+and keep a cache of each piece's ids. A piece not seen before is merged by the small compiled
+core ``_bpe_core`` (C, built by ``pip install``; it also runs the loop over the pieces) when it
+is there, else by ``_bpe_python``, the readable reference. ``BPETokenizer(native=False)`` (or
+``tok.native = False``) selects the reference; ``NATIVE_AVAILABLE`` says whether the core was
+built; tests/test_tokenizer_equivalence.py checks that the two give the same ids.
 """
 
 from __future__ import annotations
@@ -25,8 +32,6 @@ from collections.abc import Iterable, Sequence
 from itertools import chain, repeat
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from pocketgpt.atomic import atomic_write_text
 
 from . import hfjson
@@ -37,7 +42,13 @@ from .base import (
     check_special_tokens,
     read_json,
 )
-from .pretokenize import compiled, pattern_regex
+from .pretokenize import pattern_regex, splitter
+
+try:  # the optional compiled merge loop (setup.py); without it, the pure-Python reference runs
+    from ._bpe_core import Merger
+except ImportError:
+    Merger = None
+NATIVE_AVAILABLE = Merger is not None
 
 FORMAT = "pocketgpt-bpe"
 FORMAT_VERSION = 1
@@ -55,6 +66,7 @@ class BPETokenizer(Tokenizer):
 
     ``BPETokenizer(vocab_size=8192, pattern="gpt2", special_tokens=("<unk>", "<pad>", "<bos>",
     "<eos>"))``: specials get ids 0..3, bytes 4..259, learned tokens 260.. up to vocab_size - 1.
+    ``native=False`` encodes with the pure-Python reference even where the C core is built.
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class BPETokenizer(Tokenizer):
         pattern: str = "gpt2",
         special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
         progress: bool = False,
+        native: bool = True,
     ) -> None:
         self.special_tokens = check_special_tokens(special_tokens)
         try:
@@ -79,9 +92,10 @@ class BPETokenizer(Tokenizer):
             )
         self.target_vocab_size = vocab_size
         self.progress = progress
-        self._regex = compiled(pattern)
+        self._pieces = splitter(pattern)  # text -> pre-tokens
         self._special_ids = {t: i for i, t in enumerate(self.special_tokens)}
         self._set_special_ids(self._special_ids)
+        self._native = native and NATIVE_AVAILABLE
         self._set_merges([])
 
     # --- state ---------------------------------------------------------------------------------
@@ -123,6 +137,42 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = len(id_to_bytes)
         self._cache: dict[str, list[int]] = {}
         self._fingerprint: str | None = None
+        self._build_merger()
+
+    def _build_merger(self) -> None:
+        """The C core's copy of the merge table (None: the pure-Python reference encodes)."""
+        self._merger = None
+        if self._native:
+            table = [(a, b, new_id) for (a, b), (_, new_id) in self._ranks.items()]
+            self._merger = Merger(self._n_special, table, _CACHE_MAX_CHARS, _CACHE_MAX_ENTRIES)
+
+    @property
+    def native(self) -> bool:
+        """Whether encode uses the compiled core; setting it to False selects the reference."""
+        return self._merger is not None
+
+    @native.setter
+    def native(self, value: bool) -> None:
+        if value and not NATIVE_AVAILABLE:
+            raise TokenizerError(
+                "native=True: the compiled BPE core (pocketgpt.tokenizer._bpe_core) is not "
+                "built here; reinstall with a C compiler (pip install -e .) or use native=False"
+            )
+        self._native = bool(value)
+        self._build_merger()
+        self._cache.clear()  # ids are the same either way; a benchmark wants a cold start
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Neither the C object nor the splitter (a closure) pickles; __setstate__ rebuilds both.
+        state["_merger"] = state["_pieces"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pieces = splitter(self.pattern)
+        self._native = self._native and NATIVE_AVAILABLE
+        self._build_merger()
 
     @property
     def fingerprint(self) -> str:
@@ -150,9 +200,10 @@ class BPETokenizer(Tokenizer):
         Counts each distinct pre-token once with its frequency, then keeps pair counts up to
         date incrementally: a merge only revisits the words that contain its pair.
         """
+        from tqdm.auto import tqdm  # here, not at the top: loading to encode skips its import
+
         show = self.progress if progress is None else progress
-        findall = self._regex.findall
-        piece_counts = Counter(chain.from_iterable(map(findall, texts)))
+        piece_counts = Counter(chain.from_iterable(map(self._pieces, texts)))
         n = self._n_special
         words: list[list[int]] = []
         freqs: list[int] = []
@@ -269,6 +320,14 @@ class BPETokenizer(Tokenizer):
     # --- encoding ------------------------------------------------------------------------------
     def _bpe(self, piece: str) -> list[int]:
         """Ids of one pre-token: apply merges lowest rank first (``"aaab" -> [258]`` above)."""
+        if self._merger is not None:
+            ids = self._merger.merge(piece)
+            if ids is not None:  # None: a piece too long for the core's scan
+                return ids
+        return self._bpe_python(piece)
+
+    def _bpe_python(self, piece: str) -> list[int]:
+        """The readable reference of ``_bpe`` (the C core runs the same loop)."""
         n = self._n_special
         ids = [n + b for b in piece.encode("utf-8", "surrogatepass")]
         if len(ids) > _LONG_PIECE:
@@ -335,10 +394,15 @@ class BPETokenizer(Tokenizer):
         self._cache.clear()
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        """Encode text that holds no special tokens (any special's text is plain bytes here)."""
+        """Encode text that holds no special tokens (any special's text is plain bytes here).
+
+        The C core runs this same loop (``Merger.encode``, with the same cache); long pieces
+        come back to ``_bpe_python``."""
+        if self._merger is not None:
+            return self._merger.encode(self._pieces(text), self._cache, self._bpe_python)
         cache = self._cache
         out: list[int] = []
-        for piece in self._regex.findall(text):
+        for piece in self._pieces(text):
             ids = cache.get(piece)
             if ids is None:
                 ids = self._bpe(piece)

@@ -11,7 +11,10 @@ URI forms (the store: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``./
     a local folder             an MLflow model folder (with MLmodel), or one holding
                                model.safetensors, model_config.json and tokenizer.json
 
-Only MLmodel and the files it names are downloaded, and MLmodel is read as YAML data.
+A SQLite store is read directly (``tracking.sqlite_lookup``), and a model whose files lie on this
+disk is read in place: neither imports MLflow, which alone costs seconds at every start. Other
+stores, and anything the direct read does not find, go through MLflow's client; from a remote
+artifact store only MLmodel and the files it names are downloaded. MLmodel is read as YAML data.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from pocketgpt.errors import ModelURIError
-from pocketgpt.model_io import mlmodel_artifacts
+from pocketgpt.tracking import sqlite_lookup
 from pocketgpt.tracking.store import (
     check_reachable,
     make_client,
     registry_uri,
+    sqlite_path,
     tracking_uri,
 )
 
@@ -51,6 +58,11 @@ def best_model_uri(
     if mode not in ("min", "max"):
         raise ModelURIError(f"mode={mode!r} must be 'min' (lower is better) or 'max'")
     uri = store_uri(tracking_uri)
+    db = sqlite_path(uri)
+    found = sqlite_lookup.best_run(db, experiment, metric, mode) if db is not None else None
+    if found is not None:
+        model_id, run_id, value = found
+        return f"models:/{model_id}", run_id, value
     client = make_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -84,7 +96,8 @@ def resolve(
     metric: str = "val_bpb",
     mode: str = "min",
 ) -> Path:
-    """Any supported URI -> a local folder (downloaded into ``dst`` unless it is local)."""
+    """Any supported URI -> a local folder: the model's own folder when it lies on this disk,
+    else downloaded into ``dst``."""
     if not isinstance(uri, str) or not uri.strip():
         raise ModelURIError(f"model URI {uri!r} is empty; give runs:/..., models:/... or a folder")
     uri = uri.strip()
@@ -113,10 +126,25 @@ def resolve(
         )
     _check_shape(uri)
     store = store_uri(tracking_uri)
+    location = _sqlite_location(store, uri)
+    if location is None:
+        with _mlflow_errors(uri, store):
+            location = _artifact_location(make_client(store), uri)
+    local = _local_folder(location)
+    if local is not None:
+        return local  # on this disk already: read in place, copy nothing
+    return _download(uri, store, location, Path(dst))
+
+
+def _download(uri: str, store: str, location: str, dst: Path) -> Path:
+    """The model at artifact URI ``location`` -> ``dst``: MLmodel and the files it names only
+    (not the bundled code or examples), or the whole folder when it has no MLmodel."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    def fetch(location: str, path: str) -> Path:
+    from pocketgpt.model_io import mlmodel_artifacts
+
+    def fetch(path: str) -> Path:
         """location/path -> dst/path"""
         return Path(
             mlflow.artifacts.download_artifacts(
@@ -127,21 +155,65 @@ def resolve(
             )
         )
 
-    try:
-        location = _artifact_location(make_client(store), uri)
-        # Only MLmodel and the files it names: not the bundled code or examples.
+    with _mlflow_errors(uri, store):
         try:
-            arts = mlmodel_artifacts(fetch(location, "MLmodel"))
+            arts = mlmodel_artifacts(fetch("MLmodel"))
         except MlflowException:
-            return fetch(location, "")  # no MLmodel there: a plain folder, taken whole
+            return fetch("")  # no MLmodel there: a plain folder, taken whole
         if arts is None:
-            return fetch(location, "")
+            return fetch("")
         for rel in arts.values():
-            fetch(location, rel)
-        return Path(dst)
+            fetch(rel)
+        return dst
+
+
+@contextmanager
+def _mlflow_errors(uri: str, store: str) -> Iterator[None]:
+    """An MlflowException -> a one-line ModelURIError naming the URI and the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
     except MlflowException as e:
         first = (str(e.message).strip().splitlines() or [type(e).__name__])[0]
         raise ModelURIError(f"cannot load {uri!r} from {store}: {first}") from None
+
+
+def _local_folder(location: str) -> Path | None:
+    """An artifact URI that is a folder on this disk (file:///..., or a plain path) -> its path."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        path = Path(unquote(parsed.path))
+    elif not parsed.scheme or len(parsed.scheme) == 1:  # a plain path (or a Windows drive)
+        path = Path(location)
+    else:
+        return None
+    return path if path.is_dir() else None
+
+
+def _sqlite_location(store: str, uri: str) -> str | None:
+    """runs:/ or models:/ URI -> its artifact URI read straight from a SQLite store, else None
+    (another kind of store, or not found there: MLflow's client then answers, or explains)."""
+    db, reg = sqlite_path(store), sqlite_path(registry_uri(store))
+    if uri.startswith("runs:/"):
+        run_id, path = uri[len("runs:/") :].strip("/").split("/", 1)
+        return sqlite_lookup.run_model_location(db, run_id, path) if db else None
+    rest = uri[len("models:/") :].strip("/")
+    if _LOGGED_MODEL_ID.fullmatch(rest):
+        return sqlite_lookup.logged_model_location(db, rest) if db else None
+    if reg is None:
+        return None
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = sqlite_lookup.alias_version(reg, name, alias)
+    else:
+        name, version = rest.rsplit("/", 1)
+    location = sqlite_lookup.model_version_location(reg, name, version) if version else None
+    # A version registered from a logged model may name it (models:/m-ID) rather than its files.
+    linked = location[len("models:/") :] if location and location.startswith("models:/") else ""
+    if _LOGGED_MODEL_ID.fullmatch(linked):
+        return sqlite_lookup.logged_model_location(db, linked) if db else None
+    return location
 
 
 def _artifact_location(client, uri: str) -> str:

@@ -6,6 +6,9 @@ else SQLite in ``./mlruns``; a tracking server works the same way.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import subprocess
 import time
@@ -58,15 +61,43 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     }
 
 
+# The MLflow UI opens an experiment of this kind on its model-training views.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DIGEST_CHARS = 16  # MLflow stores dataset digests in a 36-character column
+SOURCE_NAME = "pocketgpt.train"  # the runs table's Source column
+
+
+def source_tags() -> dict[str, str]:
+    """Where a run came from, in MLflow's own tags (Source and User columns of the UI)."""
+    import getpass
+
+    from mlflow.entities import SourceType
+
+    tags = {
+        "mlflow.source.name": SOURCE_NAME,
+        "mlflow.source.type": SourceType.to_string(SourceType.LOCAL),
+    }
+    with contextlib.suppress(KeyError, OSError):  # no user name for this uid (containers)
+        tags["mlflow.user"] = getpass.getuser()
+    return tags
+
+
 class Tracker:
     """One MLflow run: params, metrics, tags, artifacts, and a guaranteed final status."""
 
     def __init__(self, cfg: TrackingConfig):
         self.cfg = cfg
         self.uri = tracking_uri(cfg.uri)
-        self.client = make_client(self.uri)
+        self._client = None  # made on first use: ranks other than 0 never open the store
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor while a run is live
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.uri)
+        return self._client
 
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -77,9 +108,15 @@ class Tracker:
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # made by hand or by an older pocketgpt
+                    self.client.set_experiment_tag(
+                        exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
                 return exp.experiment_id
             return self.client.create_experiment(
-                name, artifact_location=artifact_location(self.uri)
+                name,
+                artifact_location=artifact_location(self.uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except MlflowException as e:
             if "already exists" in str(e):  # another job of a parallel sweep created it first
@@ -106,6 +143,7 @@ class Tracker:
             return False
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
+        self._start_system_metrics(resume=True)
         return True
 
     def start(
@@ -116,12 +154,58 @@ class Tracker:
     ) -> str:
         self.check_reachable()
         self.experiment_id = self._experiment_id()
-        all_tags = {**git_state(), **(tags or {})}
+        all_tags = {**source_tags(), **git_state(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
+        self._start_system_metrics(resume=False)
         return self.run_id
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's own sampler (a daemon thread) logs system/* metrics until ``end``."""
+        if not self.cfg.system_metrics:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:  # psutil is missing
+            print(
+                f"tracking.system_metrics: not logged ({e}); pip install psutil, or set "
+                "tracking.system_metrics=false",
+                flush=True,
+            )
+            return
+        # Its start/stop/"no GPU" INFO lines would land in every job's log.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.cfg.system_metrics_interval,
+            resume_logging=resume,
+            tracking_uri=self.uri,
+        )
+        self._system_metrics.start()
+
+    def log_corpus(
+        self, corpus_name: str, fingerprint: str, source_type: str, splits: dict[str, dict]
+    ) -> None:
+        """Each split as an MLflow dataset input (the runs table's Dataset column): name
+        ``CORPUS/SPLIT``, digest the corpus fingerprint, its source, and a profile of
+        ``splits[split]`` (e.g. bytes, lines, tokens); the split is the input's context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for split, info in splits.items():
+            profile = {k: v for k, v in info.items() if k != "source"}
+            dataset = Dataset(
+                name=f"{corpus_name}/{split}",
+                digest=fingerprint[:DIGEST_CHARS],
+                source_type=source_type,
+                source=json.dumps({"uri": info["source"]}),
+                profile=json.dumps(profile),
+            )
+            inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -160,6 +244,9 @@ class Tracker:
             repo.delete_artifacts(path)
 
     def end(self, status: str = "FINISHED") -> None:
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()  # flushes its last samples before the run ends
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 

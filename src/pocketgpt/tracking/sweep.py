@@ -2,14 +2,20 @@
 
 ``MlflowSweepCallback`` is a Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``):
 
-- ``on_multirun_start`` (the launching process) creates the parent run in the sweep's experiment,
-  tagged with the sweep directory and overrides, and writes ``mlflow_sweep.json`` into the sweep
-  directory. Jobs find their parent through that file, so it works for any launcher: in-process
-  (basic), other processes (joblib/loky) or other machines sharing the folder.
+- ``on_multirun_start`` (the launching process) creates the parent run in the sweep's experiment
+  (``tracking.experiment_name``, the same as a single run's: the parent run is what keeps a
+  sweep together), tagged with the sweep directory and overrides, writes ``mlflow_sweep.json``
+  into the sweep directory and says on the terminal where the runs go. Jobs find their parent
+  through that file, so it works for any launcher: in-process (basic), other processes
+  (joblib/loky) or other machines sharing the folder.
+- ``on_job_start`` gives the job its ``progress.JobSlot``: its bar on its own terminal line, its
+  console lines behind its number (parallel jobs share one terminal).
 - ``train()`` calls ``sweep_parent()`` and starts its run as a child of that parent.
 - ``on_job_end`` (wherever the job ran) records a failed job: its child run gets the ``error``
   tag and ends FAILED; a job that failed before its run started (a config error, a missing file)
-  gets a FAILED child run of its own, so every job of the sweep has exactly one child run.
+  gets a FAILED child run of its own, so every job of the sweep has exactly one child run. The
+  terminal gets one line naming the job and its error, the job's log file the traceback, and
+  the sweep goes on; Hydra's end-of-sweep report of the failure is that line too.
 - ``on_multirun_end`` closes the parent: FAILED when every child failed (or none ran),
   else FINISHED, with the sweep's best child in its metrics and tags. Hydra's basic sweeper
   raises after the whole batch has run when any job failed, and then skips
@@ -20,19 +26,24 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import math
 import os
+import shlex
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
 from pocketgpt.atomic import atomic_write_text
 from pocketgpt.config import TrackingConfig
+from pocketgpt.progress import JobSlot, set_job_slot, use_job_console
 
 PARENT_FILE = "mlflow_sweep.json"
 ROLE_TAG = "pocketgpt.role"  # "sweep" on parent runs, "job" on their children
@@ -125,6 +136,40 @@ def _tracking_cfg(config: DictConfig) -> TrackingConfig:
 
 def _is_multirun(config: DictConfig) -> bool:
     return str(OmegaConf.select(config, "hydra.mode")) == "RunMode.MULTIRUN"
+
+
+def parallel_jobs(config: DictConfig) -> int:
+    """How many jobs the sweep's launcher runs at once (joblib's n_jobs; 1 for the others)."""
+    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    # joblib's convention: -1 is every CPU, -2 all but one, ...
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+
+
+def job_slot_of(config: DictConfig) -> JobSlot:
+    """A sweep job's label and bar line: '#3', and 3 modulo the jobs run at once."""
+    num = OmegaConf.select(config, "hydra.job.num", default=0)
+    return JobSlot(label=f"#{num}", position=int(num) % parallel_jobs(config))
+
+
+class SweepJobFailed(CompactHydraException):
+    """A failed sweep job as one line; Hydra prints a CompactHydraException without a traceback."""
+
+
+def _log_traceback(exc: BaseException, message: str) -> list[str]:
+    """Write the job's traceback to its log files (not to the console); returns their paths."""
+    logger = logging.getLogger(__name__)
+    record = logger.makeRecord(
+        logger.name, logging.ERROR, __file__, 0, message, (), (type(exc), exc, exc.__traceback__)
+    )
+    files = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+            handler.flush()
+            files.append(handler.baseFilename)
+    return files
 
 
 def children(client: Any, parent: SweepParent) -> list[Any]:
@@ -281,26 +326,41 @@ class MlflowSweepCallback(Callback):
         # Hydra skips on_multirun_end when the sweep raises (the basic sweeper does after a
         # failed job); the parent is closed at exit then. A second close is a no-op.
         atexit.register(_close_quietly, parent)
-        print(
-            f"MLflow sweep: parent run {run_id} in experiment {tracking.experiment_name!r} "
-            f"({tracker.uri})",
-            flush=True,
-        )
+        print(where_runs_go(parent, tracking.experiment_name, name), flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _is_multirun(config):
+            return
+        slot = job_slot_of(config)
+        set_job_slot(slot)
+        use_job_console(slot)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED or not _is_multirun(config):
+        if not _is_multirun(config):
             return
-        parent = read_parent(str(config.hydra.sweep.dir))
-        if parent is None:
+        set_job_slot(None)
+        if job_return.status != JobStatus.FAILED:
             return
         # JobReturn.return_value re-raises a failed job's exception; the raw value holds it.
         exc = job_return._return_value
         if not isinstance(exc, BaseException):
             exc = RuntimeError(str(exc))
-        try:
-            record_failed_job(config, exc, parent)
-        except Exception as e:  # never let bookkeeping hide the job's own error
-            print(f"warning: could not record the failed job in MLflow: {e}", flush=True)
+        parent = read_parent(str(config.hydra.sweep.dir))
+        if parent is not None:
+            try:
+                record_failed_job(config, exc, parent)
+            except Exception as e:  # never let bookkeeping hide the job's own error
+                print(f"warning: could not record the failed job in MLflow: {e}", flush=True)
+        line = f"sweep job {job_slot_of(config).label} failed: {error_message(exc)}"
+        files = _log_traceback(exc, line)
+        if files:
+            line += f" (traceback in {', '.join(files)})"
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        # Hydra re-raises the first failed job's exception once the batch has run, with a
+        # traceback; as a CompactHydraException it is this one line instead. HYDRA_FULL_ERROR=1
+        # keeps the original exception and its traceback.
+        if os.environ.get("HYDRA_FULL_ERROR") != "1":
+            job_return.return_value = SweepJobFailed(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = read_parent(Path(str(config.hydra.sweep.dir)).resolve())
@@ -308,6 +368,31 @@ class MlflowSweepCallback(Callback):
             status = close_parent(parent)
             if status:
                 print(f"MLflow sweep: parent run {parent.run_id} {status}", flush=True)
+
+
+def where_runs_go(parent: SweepParent, experiment: str, run_name: str) -> str:
+    """The lines that open a sweep: where its runs go, and how to compare them."""
+    from pocketgpt.errors import TrackingError
+    from pocketgpt.tracking.store import tracking_uri
+
+    try:  # the store pocketgpt-compare finds by itself from here (creating none)
+        found = tracking_uri(create=False)
+    except TrackingError:
+        found = None
+    compare = ["pocketgpt-compare", experiment, "--sweep", parent.run_id[:8]]
+    if parent.tracking_uri != found:
+        compare += ["--tracking-uri", parent.tracking_uri]
+    lines = [
+        f"MLflow sweep: parent run {parent.run_id} ({run_name!r}) in experiment {experiment!r} "
+        f"(id {parent.experiment_id}) at {parent.tracking_uri}, a child run per job",
+        f"  compare its jobs: {shlex.join(compare)}",
+    ]
+    if experiment == TrackingConfig.experiment_name:
+        lines.append(
+            "  (beside single runs, as no experiment was named: tracking.experiment_name=NAME "
+            "gives a sweep an experiment of its own)"
+        )
+    return "\n".join(lines)
 
 
 def _close_quietly(parent: SweepParent) -> None:
