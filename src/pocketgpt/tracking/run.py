@@ -205,7 +205,17 @@ class Tracker:
                 profile=json.dumps(profile),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as e:
+            # Parallel jobs of a sweep insert the same datasets at once and one loses the race
+            # on MLflow's unique key; once the winner's rows exist, logging them again links them.
+            if "UNIQUE constraint" not in str(e):
+                raise
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
