@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from pocketgpt.config import ModelConfig, Strategy
 from pocketgpt.data import TokenizedSplit
@@ -80,6 +81,16 @@ def test_an_unreachable_rendezvous_is_one_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match=f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port} did not"):
         setup("auto", torch.device("cpu"), rendezvous_timeout=1.0)
     assert time.monotonic() - start < 10
+
+
+def test_nccl_on_the_cpu_is_one_clear_error(monkeypatch, compose_cfg):
+    with pytest.raises(ConfigError, match="dist_backend=nccl with trainer.device=cpu"):
+        OmegaConf.to_object(compose_cfg("trainer.device=cpu", "trainer.dist_backend=nccl"))
+    # device=auto that lands on the CPU: refused when the process group is set up
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="dist_backend=nccl, but this job runs on cpu"):
+        setup("auto", torch.device("cpu"), backend="nccl")
 
 
 def test_one_process_collectives_are_the_identity():

@@ -65,6 +65,12 @@ class Strategy(StrEnum):
     fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded
 
 
+class DistBackend(StrEnum):
+    auto = "auto"  # nccl on CUDA, gloo on the CPU
+    gloo = "gloo"  # CPU tensors (or CUDA, slower): runs everywhere
+    nccl = "nccl"  # CUDA tensors only
+
+
 class Precision(StrEnum):
     auto = "auto"  # bf16 on CUDA where supported, else fp16 there; fp32 on CPU and MPS
     fp32 = "fp32"
@@ -246,6 +252,7 @@ class TrainerConfig:
 
     device: Device = Device.auto
     strategy: Strategy = Strategy.auto  # how several processes share a step (torchrun, SLURM)
+    dist_backend: DistBackend = DistBackend.auto  # torch.distributed's, for several processes
     precision: Precision = Precision.auto  # autocast; fp16 adds a GradScaler
     # auto | true | false. A string, not a Compile field: Hydra reads `trainer.compile=true`
     # as a bool, which an Enum field would refuse; __post_init__ turns it into a Compile.
@@ -290,6 +297,11 @@ class TrainerConfig:
         if value not in Progress.__members__:
             raise ConfigError(f"trainer.progress={self.progress!r} is not one of auto, true, false")
         self.progress = Progress(value)
+        if self.dist_backend == DistBackend.nccl and self.device in (Device.cpu, Device.mps):
+            raise ConfigError(
+                f"trainer.dist_backend=nccl with trainer.device={self.device}: NCCL moves CUDA "
+                "tensors only; use trainer.dist_backend=gloo (or auto) on this device"
+            )
         _positive(
             **{
                 "trainer.batch_size": self.batch_size,
@@ -337,12 +349,21 @@ class TrackingConfig:
     # figures where nvidia-ml-py is installed), sampled every system_metrics_interval seconds
     system_metrics: bool = True
     system_metrics_interval: float = 10.0
+    # A tracking server that stops answering mid-run delays the figures, not the training (they
+    # wait in memory). The end of the run waits this many seconds for it to come back, then
+    # writes what is unsent to tracking_outbox.jsonl in the output folder, to import later.
+    outage_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.system_metrics_interval <= 0:
             raise ConfigError(
                 f"tracking.system_metrics_interval={self.system_metrics_interval} must be "
                 "positive (seconds between samples), e.g. 10"
+            )
+        if not (self.outage_timeout >= 0 and math.isfinite(self.outage_timeout)):
+            raise ConfigError(
+                f"tracking.outage_timeout={self.outage_timeout} must be >= 0 (seconds the end "
+                "of a run waits for an unreachable tracking server), e.g. 300"
             )
         reg = self.register_as
         if reg is None:

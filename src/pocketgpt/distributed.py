@@ -118,18 +118,29 @@ def resolve_strategy(strategy: Strategy | str, world_size: int) -> Strategy:
 
 
 def setup(
-    strategy: Strategy | str, device: torch.device, rendezvous_timeout: float = 60.0
+    strategy: Strategy | str,
+    device: torch.device,
+    rendezvous_timeout: float = 60.0,
+    backend: str = "auto",
 ) -> Distributed:
-    """Join the job's process group (when there is more than one process): gloo on the CPU,
-    nccl on CUDA, each CUDA process on its local GPU. A rendezvous address that does not
-    answer within ``rendezvous_timeout`` seconds is a ConfigError naming it."""
+    """Join the job's process group (when there is more than one process): ``backend`` auto
+    is gloo on the CPU and nccl on CUDA, each CUDA process on its local GPU. A rendezvous
+    address that does not answer within ``rendezvous_timeout`` seconds is a ConfigError naming
+    it; nccl on a device other than CUDA is one too."""
     rank, world, local = from_environment()
     resolved = resolve_strategy(strategy, world)
     if world == 1:
         return Distributed(strategy=resolved)
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if str(backend) == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = str(backend)
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.dist_backend=nccl, but this job runs on {device.type}: NCCL moves CUDA "
+            "tensors only; use trainer.dist_backend=gloo (or auto), or trainer.device=cuda"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(local)
     if not dist.is_initialized():

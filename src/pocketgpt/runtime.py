@@ -118,7 +118,7 @@ class Runtime:
         launched as several processes (torchrun, SLURM), and apply the process-wide settings
         (torch's thread count, the CPU allocator)."""
         device = resolve_device(cfg.device)
-        dist = setup(cfg.strategy, device)
+        dist = setup(cfg.strategy, device, backend=cfg.dist_backend)
         if device.type == "cuda" and dist.active:
             device = torch.device("cuda", dist.local_rank)
         if cfg.threads:

@@ -22,12 +22,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pocketgpt import __version__
+from pocketgpt.atomic import atomic_write_text
 from pocketgpt.checkpoint import CheckpointWriter, Resume, config_hash, resolve_resume
 from pocketgpt.config import SamplingConfig, TrainConfig, TrainerConfig, validate
 from pocketgpt.data import Corpus, TokenizedSplit, load_corpus, split_sources, tokenize_corpus
 from pocketgpt.errors import ConfigError, SamplingError
 from pocketgpt.evaluation import EvalResult, evaluate
 from pocketgpt.model import GPTMini
+from pocketgpt.model_io import save_model
 from pocketgpt.progress import say
 from pocketgpt.runtime import Runtime
 from pocketgpt.sampling import generate
@@ -38,6 +40,7 @@ from pocketgpt.tracking.environment import (
     environment_tags,
     pip_freeze,
 )
+from pocketgpt.tracking.outbox import IMPORT_COMMAND
 from pocketgpt.tracking.rerun import check_rerun, pop_rerun
 from pocketgpt.tracking.run import (
     CHECKPOINT_DIR_TAG,
@@ -167,6 +170,7 @@ def build(dcfg: DictConfig) -> TrainingJob:
     if dist.is_main:
         hooks = TrainerHooks(
             log_metrics=tracker.log_metrics,
+            before_checkpoint=tracker.settle,
             on_checkpoint=_mlflow_checkpoint_copier(tracker, cfg.trainer),
         )
     # Built before the MLflow run starts, so that a corpus too small for one batch fails
@@ -219,6 +223,8 @@ def run(job: TrainingJob) -> TrainOutcome:
         tags["hydra.job.num"] = str(job.hydra["job_num"])
     if job.checkpoint_dir is not None:
         tags[CHECKPOINT_DIR_TAG] = str(job.checkpoint_dir.resolve())
+    outputs = job.hydra["output_dir"] or job.checkpoint_dir
+    tracker.journal_dir = Path(outputs) if outputs else None  # where figures go in an outage
     resumed = job.resume is not None and tracker.resume(job.resume.run_id)
     if resumed:
         tracker.set_tags(process_tags())  # the process now writing to the run
@@ -268,9 +274,14 @@ def run(job: TrainingJob) -> TrainOutcome:
             },
             result.steps,
         )
+        # Training is over: wait (tracking.outage_timeout) for a server that went away, else
+        # the rest of the run (samples, model, status) goes to the journal.
+        online = tracker.flush()
         sample = _sample(job)
         logged = None
-        if cfg.tracking.log_model:
+        if cfg.tracking.log_model and not online:
+            _journal_model(job, result.steps)
+        elif cfg.tracking.log_model:
             # An MLflow Model (pyfunc from code, safetensors weights) linked to this run.
             from pocketgpt.tracking.pyfunc import log_model
 
@@ -298,6 +309,20 @@ def run(job: TrainingJob) -> TrainOutcome:
         raise
     finally:
         tracker.end(status)
+        if tracker.journal is not None:
+            say(
+                log,
+                f"tracking server {tracker.uri} still unreachable after "
+                f"{cfg.tracking.outage_timeout:.0f} s: the run's unsent figures are in "
+                f"{tracker.journal}; once it answers, send them with: "
+                f"{IMPORT_COMMAND} {tracker.journal}",
+            )
+
+
+def _journal_model(job: TrainingJob, step: int) -> None:
+    """The server is away: save the final model beside the journal, for its import to log."""
+    folder = save_model(job.model, Path(job.tracker.journal.parent) / "final_model")
+    job.tracker.journal_model(folder, job.tokenizer_path, step, job.cfg.tracking.register_as)
 
 
 def _test(job: TrainingJob) -> EvalResult | None:
@@ -353,6 +378,7 @@ def _sample(job: TrainingJob) -> str:
     }
     texts = {}
     with tempfile.TemporaryDirectory() as tmp:
+        folder = job.tracker.journal_dir or Path(tmp)  # the job's output folder keeps them
         for name, sampling in settings.items():
             try:
                 new = generate(job.model, prompt, sampling, eos_id=job.tokenizer.eos_id)
@@ -360,8 +386,8 @@ def _sample(job: TrainingJob) -> str:
                 texts[name] = f"(no sample: {e})"
             else:
                 texts[name] = cfg.sample_prompt + job.tokenizer.decode(new[0].tolist())
-            (Path(tmp) / name).write_text(texts[name] + "\n")
-            job.tracker.log_artifact(Path(tmp) / name)
+            atomic_write_text(folder / name, texts[name] + "\n")
+            job.tracker.log_artifact(folder / name)
     return texts["sample.txt"]
 
 
@@ -393,7 +419,7 @@ def _mlflow_checkpoint_copier(tracker: Tracker, trainer_cfg: TrainerConfig):
         return None
 
     def copy(path: Path) -> None:
-        tracker.log_artifact(path, "checkpoints")
+        tracker.log_artifact(path, "checkpoints", buffered=True)  # never waits for the server
         tracker.keep_newest_artifacts("checkpoints", trainer_cfg.keep_checkpoints)
 
     return copy

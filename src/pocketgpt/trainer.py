@@ -90,6 +90,8 @@ class TrainerHooks:
 
     log_metrics: Callable[[dict[str, float], int], None] = _ignore_metrics
     on_checkpoint: Callable[[Path], None] | None = None  # after each checkpoint is on disk
+    # Before each checkpoint: the figures logged so far are stored (a resumed job lacks none).
+    before_checkpoint: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,8 @@ class Trainer:
                 # The data position follows from the step; stored too, for people reading it.
                 "data": {"epoch": epoch, "batch_in_epoch": batch},
             }
+            if self.hooks.before_checkpoint is not None:
+                self.hooks.before_checkpoint()
             path = self.checkpoints.write(step, state, finished)
             self.dist.barrier()
             self.last_checkpoint = path = self.dist.broadcast(path)

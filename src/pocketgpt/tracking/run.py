@@ -17,6 +17,7 @@ from typing import Any
 
 from pocketgpt.config import TrackingConfig
 from pocketgpt.errors import TrackingError
+from pocketgpt.tracking.outbox import JOURNAL_NAME, Outbox, read_journal
 from pocketgpt.tracking.store import (
     artifact_location,
     check_reachable,
@@ -65,6 +66,9 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DIGEST_CHARS = 16  # MLflow stores dataset digests in a 36-character column
 SOURCE_NAME = "pocketgpt.train"  # the runs table's Source column
+SEND_TIMEOUT = 10.0  # seconds one buffered send to a tracking server may take
+MONITOR_STOP_WAIT = 10.0  # seconds the end of a run waits for the system-metrics thread
+SETTLE_TIMEOUT = 30.0  # seconds a checkpoint waits for the figures before it (server up)
 
 
 def source_tags() -> dict[str, str]:
@@ -92,6 +96,11 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._system_metrics = None  # MLflow's SystemMetricsMonitor while a run is live
+        # Where the run's unsent figures go if the server is away at its end (the job's output
+        # folder; train.run sets it), and the queue that sends them meanwhile.
+        self.journal_dir: Path | None = None
+        self._outbox: Outbox | None = None
+        self.journal: Path | None = None  # set by end() when figures could not be sent
 
     @property
     def client(self):
@@ -144,6 +153,7 @@ class Tracker:
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self._start_system_metrics(resume=True)
+        self._open_outbox()
         return True
 
     def start(
@@ -160,7 +170,122 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         self._start_system_metrics(resume=False)
+        self._open_outbox()
         return self.run_id
+
+    def _open_outbox(self) -> None:
+        """From here on, figures and checkpoint uploads go through the outbox's thread."""
+        if self.journal_dir is None:
+            return  # no output folder to fall back on: every call goes straight to the store
+        self._outbox = Outbox(
+            self.send,
+            self.journal_dir / JOURNAL_NAME,
+            header={"run_id": self.run_id, "tracking_uri": self.uri},
+        )
+
+    @property
+    def offline(self) -> bool:
+        """True once the end of the run found the server still away: what is left of the run
+        goes to the journal."""
+        return self.journal is not None
+
+    def flush(self) -> bool:
+        """Wait (up to tracking.outage_timeout) for the buffered figures to reach the store;
+        False when the server is still away: the run's records then go to the journal."""
+        if self._outbox is None:
+            return True
+        if not self._outbox.flush(self.cfg.outage_timeout):
+            self.journal = self._outbox.close(timeout=0.0)
+            self._outbox = None
+            return False
+        return True
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Send now, queue it (during the run), or journal it (the server went away)."""
+        if self._outbox is not None:
+            self._outbox.put(record)
+        elif self.journal is not None:
+            _append_journal(self.journal, record)
+        else:
+            self.send(record)
+
+    def _log_batch_once(self, metrics: list[list], tags: dict[str, str]) -> None:
+        """MLflow's log-batch REST call, tried once: the outbox retries with its own backoff,
+        where the client's retries would hold the sender for minutes before an outage shows."""
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        endpoint = "/api/2.0/mlflow/runs/log-batch"
+        body = {
+            "run_id": self.run_id,
+            "metrics": [
+                {"key": k, "value": v, "timestamp": ts, "step": step} for k, v, ts, step in metrics
+            ],
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        response = http_request(
+            get_default_host_creds(self.uri),
+            endpoint,
+            "POST",
+            max_retries=0,
+            timeout=SEND_TIMEOUT,
+            json=body,
+        )
+        verify_rest_response(response, endpoint)
+
+    def settle(self) -> None:
+        """Before a checkpoint: the figures logged so far reach the store (unless it is away)."""
+        if self._outbox is not None:
+            self._outbox.settle(timeout=SETTLE_TIMEOUT)
+
+    def journal_model(
+        self, folder: Path, tokenizer: Path, step: int, register_as: str | None
+    ) -> None:
+        """Record the final model (a folder from model_io.save_model) for a later log_model."""
+        self._record(
+            {
+                "op": "model",
+                "folder": str(Path(folder).resolve()),
+                "tokenizer": str(Path(tokenizer).resolve()),
+                "step": step,
+                "register_as": register_as,
+            }
+        )
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Deliver one outbox record to the store (raises what MLflow raises)."""
+        from mlflow.entities import Metric, RunTag
+
+        op = record["op"]
+        if op in ("metrics", "tags") and self.uri.startswith(("http://", "https://")):
+            self._log_batch_once(record.get("metrics", []), record.get("tags", {}))
+        elif op == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        elif op == "tags":
+            tags = [RunTag(k, v) for k, v in record["tags"].items()]
+            self.client.log_batch(self.run_id, tags=tags)
+        elif op == "artifact":
+            self._log_artifact_now(record["path"], record["artifact_path"])
+        elif op == "prune":
+            self._keep_newest_now(record["artifact_dir"], record["keep"])
+        elif op == "model":
+            from pocketgpt.loading import load_files
+            from pocketgpt.tracking.pyfunc import log_model
+
+            loaded = load_files(Path(record["folder"]), Path(record["tokenizer"]))
+            log_model(
+                self.client,
+                self.run_id,
+                loaded.model,
+                Path(record["tokenizer"]),
+                step=record["step"],
+                register_as=record["register_as"],
+            )
+        elif op == "end":
+            self.client.set_terminated(self.run_id, status=record["status"])
+        else:
+            raise TrackingError(f"unknown tracking record {op!r}; was it written by pocketgpt?")
 
     def _start_system_metrics(self, resume: bool) -> None:
         """MLflow's own sampler (a daemon thread) logs system/* metrics until ``end``."""
@@ -225,25 +350,38 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [[k, float(v), now, step] for k, v in metrics.items()]
+        self._record({"op": "metrics", "metrics": batch})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        self._record({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+    def log_artifact(
+        self, path: str | os.PathLike, artifact_path: str | None = None, buffered: bool = False
+    ) -> None:
+        """Upload a file or folder; ``buffered``: through the outbox (a checkpoint during
+        training), else now."""
+        if buffered or self.offline:
+            record = {"op": "artifact", "path": str(path), "artifact_path": artifact_path}
+            self._record(record)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._log_artifact_now(str(path), artifact_path)
+
+    def _log_artifact_now(self, path: str, artifact_path: str | None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, path, artifact_path)
+        elif Path(path).is_file():
+            self.client.log_artifact(self.run_id, path, artifact_path)
+        else:
+            raise FileNotFoundError(path)
 
     def keep_newest_artifacts(self, artifact_dir: str, keep: int) -> None:
-        """Delete all but the newest ``keep`` files (by name) in one artifact folder."""
+        """Delete all but the newest ``keep`` files (by name) in one artifact folder (after
+        the uploads queued before it)."""
+        self._record({"op": "prune", "artifact_dir": artifact_dir, "keep": keep})
+
+    def _keep_newest_now(self, artifact_dir: str, keep: int) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         files = sorted(a.path for a in self.client.list_artifacts(self.run_id, artifact_dir))
@@ -254,11 +392,19 @@ class Tracker:
             repo.delete_artifacts(path)
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` once its figures are sent; with the server still away
+        after tracking.outage_timeout, the rest goes to the journal (``self.journal``)."""
         monitor, self._system_metrics = self._system_metrics, None
+        if self.run_id is None:
+            return
+        self.flush()
         if monitor is not None:
-            monitor.finish()  # flushes its last samples before the run ends
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+            _stop_monitor(monitor, wait=0.0 if self.offline else MONITOR_STOP_WAIT)
+        if self._outbox is not None:
+            # Spilled records (a queue that overflowed) make the journal the run's tail too.
+            self.journal = self._outbox.close(timeout=self.cfg.outage_timeout)
+            self._outbox = None
+        self._record({"op": "end", "status": status})
 
     def run_url(self) -> str:
         """Where the run is: ``experiment 'NAME' (id ID), run RUN_ID in URI``."""
@@ -266,6 +412,39 @@ class Tracker:
             f"experiment {self.cfg.experiment_name!r} (id {self.experiment_id}), "
             f"run {self.run_id} in {self.uri}"
         )
+
+
+def _stop_monitor(monitor: Any, wait: float) -> None:
+    """Stop MLflow's system-metrics thread and flush its last samples, unless it is still
+    inside MLflow's retries after ``wait`` s (a server that was away): then leave it, a daemon.
+    (``SystemMetricsMonitor.finish`` alone would join it for as long as those retries last.)"""
+    monitor._shutdown_event.set()
+    thread = monitor._process
+    if thread is not None:
+        thread.join(timeout=wait)
+        if thread.is_alive():
+            return
+    monitor.finish()
+
+
+def import_journal(path: Path, uri: str | None = None) -> str:
+    """Send a journal's records to its run (in ``uri``, else the run's own store); the
+    journal is renamed ``*.imported`` so a second import cannot repeat it. -> the run id."""
+    header, records = read_journal(path)
+    tracker = Tracker(TrackingConfig(uri=uri or header.get("tracking_uri"), system_metrics=False))
+    tracker.check_reachable()
+    tracker.run_id = header["run_id"]
+    for record in records:
+        tracker.send(record)
+    path.rename(path.with_name(path.name + ".imported"))
+    return tracker.run_id
+
+
+def _append_journal(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- orphaned runs

@@ -66,6 +66,40 @@ def check_reachable(
         raise error(
             f"the MLflow tracking server at {uri} does not answer ({type(e).__name__}); {hint}"
         ) from None
+    _check_login(uri, error, timeout)
+
+
+def _check_login(uri: str, error: type[PocketGPTError], timeout: float) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) answers /health
+    to anyone; one API call with this process's credentials tells whether they are accepted."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+            params={"experiment_name": "Default"},
+        )
+    except MlflowException:
+        return  # not an auth answer; the first real call reports whatever this is
+    if response.status_code in (401, 403):
+        given = "were refused" if _has_credentials() else "were not given"
+        raise error(
+            f"the MLflow tracking server at {uri} requires a login (HTTP "
+            f"{response.status_code}) and credentials {given}; set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user of that server"
+        )
+
+
+def _has_credentials() -> bool:
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+    return any(os.environ.get(n) for n in names)
 
 
 def sqlite_path(uri: str) -> Path | None:
