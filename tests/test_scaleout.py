@@ -327,6 +327,43 @@ def test_a_killed_rank_resumes_into_the_same_run(tmp_path, shared_cache):
     assert steps[-1] == 300
 
 
+@pytest.mark.slow
+def test_sigterm_under_torchrun_checkpoints_and_ends_the_run_killed(tmp_path, shared_cache):
+    """SIGTERM to torchrun (a scheduler's stop) reaches every rank: the ranks agree to stop,
+    rank 0 writes a checkpoint of the step reached and ends the run KILLED."""
+    store = f"sqlite:///{tmp_path / 't.db'}"
+    args = _ddp_overrides(
+        tmp_path,
+        shared_cache,
+        store,
+        "job",
+        "trainer.max_steps=100000",
+        "trainer.checkpoint_interval=100000",
+        "trainer.log_interval=1",
+        "tracking.log_model=false",
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    job = subprocess.Popen(
+        [torchrun, "--nproc_per_node=2", "-m", "pocketgpt.train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log_file = tmp_path / "job" / "train.log"  # rank 0's job log: the banner, then steps
+    deadline = time.monotonic() + 300
+    while not (log_file.exists() and "parameters" in log_file.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.3)
+    time.sleep(2)  # a few steps in
+    job.send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    client, run = _the_run(store)
+    assert run.info.status == "KILLED"
+    ckpt = max((tmp_path / "job" / "checkpoints").glob("ckpt-*.pt"))
+    step = torch.load(ckpt, weights_only=False)["meta"]["step"]
+    assert 0 < step < 100000 and step >= max(s for s, _ in _history(client, run, "train_loss"))
+
+
 def _rank_process(torchrun_pid: int, rank: int) -> int:
     """The pid of torchrun's worker with RANK=rank (from /proc: its children's environment)."""
     deadline = time.monotonic() + 60
