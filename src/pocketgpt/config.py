@@ -208,7 +208,9 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON/YAML values: an Enum as its string."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v.value if isinstance(v, StrEnum) else v for k, v in plain.items()}
 
 
 @dataclass
