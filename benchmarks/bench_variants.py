@@ -254,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ref-lr", type=float, default=3e-3)
     ap.add_argument("--save", help="also write the raw curves to this JSON file")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no runs: report the curves saved by earlier --save runs (a later file's contender "
+        "and seed replace an earlier one's)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -270,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     import _report
+
+    if args.merge:
+        merged: dict[str, dict[int, dict]] = {}
+        for path in args.merge:
+            for name, per_seed in json.loads(Path(path).read_text()).items():
+                merged.setdefault(name, {}).update({int(s): r for s, r in per_seed.items()})
+        args.seeds = sorted({s for per_seed in merged.values() for s in per_seed})
+        order = [n for n in CONTENDERS if n in merged]
+        print(report(args, {n: merged[n] for n in order}, ["(see the runs merged)"]))
+        return 0
 
     names = list(dict.fromkeys(["reference", *args.contenders]))
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
