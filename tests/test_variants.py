@@ -369,7 +369,7 @@ def test_presets_compose():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rope", "alibi", "modern"])
-def test_a_logged_variant_reloads_and_generates_identically(variant, tmp_path):
+def test_a_logged_variant_reloads_and_generates_identically(variant, tmp_path, shared_cache):
     """Trained through the real job, logged to MLflow: pocketgpt.load and the pyfunc model give
     the trained model's text, including past max_len (the window slides)."""
     import mlflow.pyfunc
@@ -390,7 +390,7 @@ def test_a_logged_variant_reloads_and_generates_identically(variant, tmp_path):
             "trainer.checkpoint_interval=null",
             "tracking.system_metrics=false",
             f"tracking.uri={store}",
-            f"cache_dir={tmp_path / 'cache'}",
+            f"cache_dir={shared_cache}",
             f"trainer.checkpoint_dir={tmp_path / 'ckpt'}",
         )
     )
