@@ -72,7 +72,10 @@ def test_cross_field_checks(compose_cfg, override, message):
         ("trainer.precision=fp8", "auto, fp32, bf16, fp16"),
         ("trainer.device=tpu", "auto, cpu, cuda, mps"),
         ("tokenizer.kind=wordpiece", "bpe, hf_bpe, hf_file"),
-        ("optim.name=adam", "adamw, sgd"),
+        ("optim.name=adam", "adamw, sgd, muon"),
+        ("model.norm=batchnorm", "layernorm, rmsnorm"),
+        ("model.activation=tanh", "gelu, relu2, swiglu"),
+        ("model.position=sinusoidal", "learned, rope, alibi"),
         ("data.source=web", "wikitext2_mini, wikitext2, files"),
     ],
 )

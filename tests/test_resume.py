@@ -297,3 +297,45 @@ def test_auto_prefers_the_jobs_own_folder(tmp_path):
     assert find_resume_checkpoint("auto", roots, "h") == other / "ckpt-0000003.pt"
     assert find_resume_checkpoint("auto", roots, "h", own=[own]) == own / "ckpt-0000003.pt"
     assert find_resume_checkpoint("auto", roots, "other-hash", own=[own]) is None
+
+
+def test_muon_and_wsd_resume_bit_identical(compose_cfg, tmp_path):
+    """Muon + AdamW with a warmup-stable-decay schedule (and a RoPE, untied-head model):
+    resuming from a mid-run checkpoint, inside the cooldown, ends where the uninterrupted run
+    ends, weights and both optimizers' states bit for bit."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        *TINY,
+        f"tracking.uri={store}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=12",
+        "trainer.checkpoint_interval=4",
+        "trainer.eval_interval=6",
+        "trainer.sample_tokens=0",
+        "tracking.log_model=false",
+        "tracking.system_metrics=false",
+        "optim=muon",
+        "optim.schedule=wsd",
+        "optim.cooldown_fraction=0.5",
+        "model.position=rope",
+        "model.tie_embeddings=false",
+        "model.dropout=0.1",
+    ]
+    ckpt_dir = tmp_path / "ckpt"
+    train(compose_cfg(*common, f"trainer.checkpoint_dir={ckpt_dir}"))
+    last = list_checkpoints(ckpt_dir)[-1]  # the newest two are kept: steps 8 and 12
+    ref = load_checkpoint(last)
+    last.unlink()  # as if the run had died after step 8
+    train(compose_cfg(*common, f"trainer.checkpoint_dir={ckpt_dir}", "trainer.resume=auto"))
+    final = load_checkpoint(list_checkpoints(ckpt_dir)[-1])
+    assert final["meta"]["step"] == ref["meta"]["step"] == 12
+    for name, tensor in ref["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    assert set(ref["optimizer"]) == {"muon", "adamw"}
+    for part in ("muon", "adamw"):
+        a_states, b_states = final["optimizer"][part]["state"], ref["optimizer"][part]["state"]
+        assert a_states.keys() == b_states.keys() and a_states
+        for a, b in zip(a_states.values(), b_states.values()):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        lrs = [g["lr"] for g in final["optimizer"][part]["param_groups"]]
+        assert lrs == [g["lr"] for g in ref["optimizer"][part]["param_groups"]]

@@ -44,11 +44,34 @@ class DataSource(StrEnum):
 class OptimizerName(StrEnum):
     adamw = "adamw"
     sgd = "sgd"
+    # torch.optim.Muon on the 2-D hidden matrices (attention and feed-forward weights), AdamW at
+    # optim.lr on the rest (embeddings, head, norms, biases)
+    muon = "muon"
 
 
 class Schedule(StrEnum):
     cosine = "cosine"  # linear warm-up, then cosine decay to lr * min_lr_ratio
     constant = "constant"  # linear warm-up, then constant
+    # warmup-stable-decay: linear warm-up, constant, then a linear cooldown to lr * min_lr_ratio
+    # over the last cooldown_fraction of the steps
+    wsd = "wsd"
+
+
+class Position(StrEnum):
+    learned = "learned"  # a learned table of max_len positions added to the token embedding
+    rope = "rope"  # rotary embedding of queries and keys (rotate-half pairing, base rope_base)
+    alibi = "alibi"  # a per-head linear distance penalty on the attention scores
+
+
+class Norm(StrEnum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Activation(StrEnum):
+    gelu = "gelu"  # GELU, tanh approximation (GPT-2)
+    relu2 = "relu2"  # relu(x) ** 2 (modded-nanogpt)
+    swiglu = "swiglu"  # silu(gate) * up: ff.fc holds gate and up rows (2 * d_ff of them)
 
 
 class Device(StrEnum):
@@ -100,6 +123,15 @@ class Mode(StrEnum):
     max = "max"
 
 
+def _enum(enum: type[StrEnum], key: str, value: Any) -> StrEnum:
+    """``value`` as a member of ``enum`` (JSON and plain Python give strings), or ConfigError."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(enum.__members__)
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}") from None
+
+
 def _positive(**values: float) -> None:
     for key, value in values.items():
         if value <= 0:
@@ -121,11 +153,28 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 512
     num_layers: int = 4
-    max_len: int = 128  # number of learned positions: the longest context the model can see
+    # The KV cache's slots, and with position=learned the number of learned positions: the
+    # longest context the model can see. rope and alibi have no table, so a whole window without
+    # the cache may be longer (e.g. evaluation at twice the trained context).
+    max_len: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
+    # The variants below default to GPT-2's block (today's GPTMini); a model_config.json written
+    # before they existed loads with these values. Their names and values are read by other
+    # tools (native engine, exporters): keep them.
+    position: Position = Position.learned
+    rope_base: float = 10000.0  # rope: the wavelength base of the rotary frequencies
+    norm: Norm = Norm.layernorm  # the pre-block and final norms
+    activation: Activation = Activation.gelu  # the feed-forward's non-linearity
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no weights) before RoPE
+    zero_init_proj: bool = False  # start attention and feed-forward output projections at 0
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap); null = off
+    tie_embeddings: bool = True  # the head shares the token embedding's weight
 
     def __post_init__(self) -> None:
+        self.position = _enum(Position, "model.position", self.position)
+        self.norm = _enum(Norm, "model.norm", self.norm)
+        self.activation = _enum(Activation, "model.activation", self.activation)
         _positive(
             **{
                 "model.d_model": self.d_model,
@@ -144,13 +193,30 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.position == Position.rope and self.head_size % 2:
+            raise ConfigError(
+                f"model.position=rope needs an even head size, and model.d_model={self.d_model} / "
+                f"model.n_heads={self.n_heads} = {self.head_size}; pick d_model and n_heads so "
+                "that d_model / n_heads is even"
+            )
+        if not (self.rope_base > 1 and math.isfinite(self.rope_base)):
+            raise ConfigError(
+                f"model.rope_base={self.rope_base} must be a number above 1, e.g. 1e4"
+            )
+        cap = self.logit_softcap
+        if cap is not None and not (cap > 0 and math.isfinite(cap)):
+            raise ConfigError(
+                f"model.logit_softcap={cap} must be a positive number (e.g. 15), or null for off"
+            )
 
     @property
     def head_size(self) -> int:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON/YAML values: an Enum as its string."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v.value if isinstance(v, StrEnum) else v for k, v in plain.items()}
 
 
 @dataclass
@@ -229,9 +295,15 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
     nesterov: bool = True  # sgd only
+    # muon: the learning rate, momentum and weight decay of the hidden matrices (optim.lr,
+    # betas, eps and weight_decay are those of the AdamW part)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the cosine (and wsd's cooldown) ends at lr * min_lr_ratio
     schedule: Schedule = Schedule.cosine
+    cooldown_fraction: float = 0.2  # wsd: the share of the steps spent in the final cooldown
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -244,6 +316,44 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ConfigError(
+                f"optim.cooldown_fraction={self.cooldown_fraction} must be in [0, 1] (the share "
+                "of the steps spent cooling down, e.g. 0.2)"
+            )
+        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
+            raise ConfigError(f"optim.muon_lr={self.muon_lr} must be a positive number")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if self.muon_weight_decay < 0:
+            raise ConfigError(f"optim.muon_weight_decay={self.muon_weight_decay} must be >= 0")
+        self._check_keys_of_other_optimizers()
+
+    def _check_keys_of_other_optimizers(self) -> None:
+        """A key that only another optimizer reads (set away from its default) is a mistake the
+        run would silently ignore: name it and its counterpart."""
+        keys = ("momentum", "nesterov", "muon_lr", "muon_momentum", "muon_weight_decay")
+        defaults = {f.name: f.default for f in fields(self) if f.name in keys}
+        changed = {k for k in keys if getattr(self, k) != defaults[k]}
+        if self.name == OptimizerName.muon:
+            for key in ("momentum", "nesterov"):
+                if key in changed:
+                    hint = (
+                        "Muon's momentum is optim.muon_momentum"
+                        if key == "momentum"
+                        else "Muon always uses Nesterov momentum"
+                    )
+                    raise ConfigError(
+                        f"optim.{key}={getattr(self, key)} is an SGD setting, and "
+                        f"optim.name=muon ignores it; drop it ({hint})"
+                    )
+        else:
+            for key in ("muon_lr", "muon_momentum", "muon_weight_decay"):
+                if key in changed:
+                    raise ConfigError(
+                        f"optim.{key}={getattr(self, key)} is a Muon setting, and optim.name="
+                        f"{self.name} ignores it; drop it, or use optim=muon"
+                    )
 
 
 @dataclass
@@ -403,6 +513,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"data.block_size={d.block_size} is longer than model.max_len={m.max_len}; "
             f"lower data.block_size or raise model.max_len"
+        )
+    if cfg.optim.name == OptimizerName.muon and cfg.trainer.strategy == Strategy.fsdp:
+        raise ConfigError(
+            "optim=muon orthogonalises whole weight matrices, which trainer.strategy=fsdp "
+            "shards; use trainer.strategy=ddp (or single) with Muon, or optim=adamw with fsdp"
         )
 
 

@@ -28,12 +28,13 @@ def save_model(model: GPTMini, directory: str | os.PathLike) -> Path:
     """Write model.safetensors and model_config.json into directory (each atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # Tied weights share storage; safetensors refuses shared tensors, so save the head once
-    # (as the embedding) and re-tie on load.
+    # Tied weights share storage; safetensors refuses shared tensors, so a tied head is saved
+    # once (as the embedding) and re-tied on load. An untied head is a weight of its own.
+    tied = model.config.tie_embeddings
     state = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
-        if k != "lm_head.weight"
+        if not (tied and k == "lm_head.weight")
     }
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
@@ -64,7 +65,8 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ModelFileError(f"{weights_path} is not a readable safetensors file ({e})") from None
     model = GPTMini(cfg)
-    state["lm_head.weight"] = state.get("tok_emb.weight")
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state.get("tok_emb.weight")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -70,7 +70,7 @@ def _next_logits(model: GPTMini, ids: torch.Tensor, input_pos: int, cache: KVCac
     cost as much as the blocks.
     """
     h = model.hidden_states(ids, input_pos=input_pos, cache=cache)  # (B, T, C)
-    return model.lm_head(h[:, -1])  # (B, V)
+    return model.logits(h[:, -1])  # (B, V)
 
 
 def _left_pad(

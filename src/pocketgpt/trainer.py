@@ -34,7 +34,7 @@ from pocketgpt.errors import ConfigError, NonFiniteLossError
 from pocketgpt.evaluation import EvalResult, evaluate
 from pocketgpt.fused_loss import lm_loss
 from pocketgpt.model import GPTMini
-from pocketgpt.optim import build_optimizer, describe_optimizer, lr_factor, set_lr
+from pocketgpt.optim import build_optimizer, describe_optimizer, lr_factor, set_lr_factor
 from pocketgpt.progress import TrainingProgress, say
 from pocketgpt.progress import log as progress_log
 from pocketgpt.runtime import Runtime
@@ -416,8 +416,9 @@ class Trainer:
                 # against (about ln(vocab) nats a token), as nanoGPT logs at iteration 0.
                 st.best_val_loss = run_evaluation().loss
             while st.step < self.total_steps:
-                lr = self.optim_cfg.lr * lr_factor(st.step, self.optim_cfg, self.total_steps)
-                set_lr(self.optimizer, lr)
+                factor = lr_factor(st.step, self.optim_cfg, self.total_steps)
+                set_lr_factor(self.optimizer, self.optim_cfg, factor)
+                lr = self.optim_cfg.lr * factor  # logged: AdamW's (with Muon: the non-matrices')
                 out = self._train_step(batches)
                 st.step += 1
                 t0 = clock()
