@@ -11,6 +11,7 @@ default) they also go into the model's source run as ``lm_eval/<task>/<metric>``
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -23,6 +24,12 @@ from pocketgpt.config import EvaluateConfig
 def run(cfg: EvaluateConfig, out=None) -> None:
     out = out or sys.stdout
     from pocketgpt.evaluate import evaluate
+    from pocketgpt.evaluate.local_tasks import LOCAL_TASKS
+
+    if all(t in LOCAL_TASKS for t in cfg.tasks):
+        # lm-eval warns that any task built from a Python config could take `--metadata`: not
+        # news to a user of the local tasks.
+        logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
 
     if cfg.threads:
         import torch
