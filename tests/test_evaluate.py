@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pocketgpt.evaluate.local_tasks import documents
-from tests.tiny_trained import corpus_text, train_tiny_model
+from tests.tiny_trained import corpus_text, shared_tiny_model
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -33,9 +33,7 @@ def _offline(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = train_tiny_model(folder)
-    return folder, model, tokenizer
+    return shared_tiny_model(tmp_path_factory)
 
 
 def test_the_test_split_cuts_into_articles_that_rejoin_to_it():
@@ -124,10 +122,12 @@ def _evaluate_cli(*args: str, cwd, pythonpath: str | None = None) -> subprocess.
 
 
 @pytest.mark.slow
-def test_evaluate_command_names_an_unknown_task_in_one_line(tiny, tmp_path):
-    r = _evaluate_cli(f"model_uri={tiny[0]}", "tasks=[wikitext2_local,wikitxt]", cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown task 'wikitxt'; local")
+def test_an_unknown_task_is_named_before_the_model_loads():
+    from pocketgpt.errors import EvaluationError
+    from pocketgpt.evaluate import evaluate
+
+    with pytest.raises(EvaluationError, match=r"^unknown task 'wikitxt'; local tasks: wikitext2_l"):
+        evaluate("no/such/model", ["wikitext2_local", "wikitxt"], log=False)
 
 
 @pytest.mark.slow

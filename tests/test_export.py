@@ -18,7 +18,7 @@ from pocketgpt.export import export
 from pocketgpt.export.variants import check_exportable, unsupported_setting
 from pocketgpt.model import GPTMini
 from pocketgpt.sampling import generate, generate_rows
-from tests.tiny_trained import corpus_text, train_tiny_model
+from tests.tiny_trained import corpus_text, shared_tiny_model
 
 TEXTS = [
     "The river rose in the spring of 1843 , flooding the town .",
@@ -29,9 +29,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = train_tiny_model(folder)
-    return folder, model, tokenizer
+    return shared_tiny_model(tmp_path_factory)
 
 
 def real_batch(tokenizer, rows: int, length: int) -> torch.Tensor:
@@ -189,7 +187,6 @@ def test_export_command_names_a_variant_it_cannot_express_and_writes_nothing(tin
 
 @pytest.mark.slow
 def test_export_log_true_logs_the_folder_into_the_source_run(tiny, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -199,10 +196,9 @@ def test_export_log_true_logs_the_folder_into_the_source_run(tiny, tmp_path):
     client.log_artifacts(run.info.run_id, str(tiny[0]), "model")
     client.set_terminated(run.info.run_id)
     uri = f"runs:/{run.info.run_id}/model"
-    out = export(uri, "onnx", tmp_path / "onnx", log=True, tracking_uri=store)
-    logged = {f.path for f in client.list_artifacts(run.info.run_id, "export/onnx")}
-    assert logged == {f"export/onnx/{p.name}" for p in out.iterdir()}
-    del mlflow
+    out = export(uri, "hf", tmp_path / "hf", log=True, tracking_uri=store)
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "export/hf")}
+    assert logged == {f"export/hf/{p.name}" for p in out.iterdir()}
 
     with pytest.raises(ExportError, match="log=true needs a model logged in MLflow"):
         export(str(tiny[0]), "hf", tmp_path / "never", log=True)

@@ -20,6 +20,17 @@ def corpus_text(split: str) -> str:
         return f.read()
 
 
+def shared_tiny_model(tmp_path_factory):
+    """-> (folder, model, tokenizer): trained once per test session, in its base temp folder."""
+    from pocketgpt.loading import load
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-trained-model"
+    if (folder / TOKENIZER_FILE).is_file():
+        return (folder, *load(folder))
+    model, tokenizer = train_tiny_model(folder)
+    return folder, model, tokenizer
+
+
 def train_tiny_model(folder: Path, steps: int = 80, max_len: int = 96):
     """-> (model, tokenizer), also saved in ``folder``. Trained enough that its greedy choices
     are not near-ties (an untrained model's logits are all alike). One thread: a model this
