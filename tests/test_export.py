@@ -203,3 +203,20 @@ def test_export_log_true_logs_the_folder_into_the_source_run(tiny, tmp_path):
     with pytest.raises(ExportError, match="log=true needs a model logged in MLflow"):
         export(str(tiny[0]), "hf", tmp_path / "never", log=True)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_failed_export_leaves_the_old_folder_and_no_temporary_one(tmp_path):
+    from pocketgpt.atomic import atomic_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(out, replace=True) as staging:
+        (staging / "half.bin").write_bytes(b"half")
+        raise RuntimeError("the exporter failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with atomic_folder(out, replace=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
