@@ -41,20 +41,22 @@ def require_lm_eval() -> None:
         raise EvaluationError(f"lm-eval is not installed ({e}); {INSTALL_HINT}") from None
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Raise EvaluationError naming the first task neither local nor known to lm-eval."""
-    remote = [t for t in tasks if t not in LOCAL_TASKS]
-    if not remote:
-        return  # lm-eval's task index takes seconds to build: only for its own tasks
+def task_manager(tasks: list[str]) -> Any:
+    """lm-eval's TaskManager for ``tasks``, having checked every name: EvaluationError for the
+    first one neither local nor lm-eval's own. lm-eval's task index takes seconds to build
+    (thousands of YAML files), so it is built only when a task needs it, and only once."""
     from lm_eval.tasks import TaskManager
 
-    known = TaskManager().all_tasks
+    remote = [t for t in tasks if t not in LOCAL_TASKS]
+    manager = TaskManager(include_defaults=bool(remote))
+    known = set(manager.all_tasks) if remote else set()
     for task in remote:
         if task not in known:
             raise EvaluationError(
                 f"unknown task {task!r}; local tasks: {', '.join(LOCAL_TASKS)}; lm-eval's own "
                 "(which need network): wikitext, lambada_openai, hellaswag, ... (lm-eval ls tasks)"
             )
+    return manager
 
 
 def metrics_of(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -97,27 +99,25 @@ def evaluate(
     from pocketgpt.evaluate.local_tasks import task_config
 
     specs: list[Any] = [task_config(t, local_file) if t in LOCAL_TASKS else t for t in tasks]
-    check_tasks(tasks)
+    manager = task_manager(tasks)
     source = None
     if log:
         from pocketgpt.tracking.source import source_of
 
         source = source_of(model_uri, tracking_uri)  # checked before the (long) evaluation
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from pocketgpt.evaluate.harness import PocketGPTLM
     from pocketgpt.loading import load
 
     model, tokenizer = load(model_uri, device, tracking_uri=tracking_uri)
     lm = PocketGPTLM(model, tokenizer, batch_size=batch_size)
-    only_local = all(t in LOCAL_TASKS for t in tasks)
     results = simple_evaluate(
         model=lm,
         tasks=specs,
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=TaskManager(include_defaults=not only_local),
+        task_manager=manager,
         log_samples=False,
         bootstrap_iters=0,  # perplexities have no standard error; others: lm-eval's default off
     )

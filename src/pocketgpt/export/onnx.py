@@ -25,6 +25,7 @@ context (no sliding window, unlike ``pocketgpt.sampling``).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def export_onnx(model: GPTMini, path: str | Path, opset: int = DEFAULT_OPSET) ->
     """
     path = Path(path)
     cfg = model.config
-    model = model.eval().float().cpu()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model stays as it was
     decoder = CachedDecoder(model).eval()
     n = cfg.num_layers
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
