@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from pocketgpt.config import SamplingConfig
 from pocketgpt.evaluate.local_tasks import documents
+from pocketgpt.sampling import generate
 from tests.tiny_trained import corpus_text, shared_tiny_model
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -65,8 +67,13 @@ def test_lm_eval_scores_our_model_like_its_own_requests_say(tiny):
             logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
         ref = sum(logp[len(ids) - 1 - n + j, ids[len(ids) - n + j]].item() for j in range(n))
         assert ll == pytest.approx(ref, abs=1e-4)
-    (text,) = lm.generate_until([Instance("generate_until", {}, ("The", {"until": ["\n"]}), 0)])
-    assert "\n" not in text and len(text) > 0
+    kwargs = {"until": ["\n", " ,"], "max_gen_toks": 30}
+    (text,) = lm.generate_until([Instance("generate_until", {}, (" = Robert", kwargs), 0)])
+    prompt, eos = [tokenizer.encode(" = Robert")], tokenizer.eos_id
+    new = generate(model, prompt, SamplingConfig(max_new_tokens=30), eos_id=eos)[0].tolist()
+    full = tokenizer.decode(new[: new.index(eos)] if eos in new else new)
+    cut = min([full.index(s) for s in kwargs["until"] if s in full], default=len(full))
+    assert text == full[:cut]
 
 
 @pytest.mark.slow
