@@ -72,3 +72,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it is renamed to ``path``.
+
+    ``path`` must not exist unless ``replace``; then the old folder is swapped out only once
+    the new one is complete, and removed after. On any error the temporary folder is removed
+    and ``path`` is left as it was.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_read_umask())  # mkdtemp makes it 0700
+        yield tmp
+        if path.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)  # fails if path appeared meanwhile: never merge into it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -132,6 +132,11 @@ def _enum(enum: type[StrEnum], key: str, value: Any) -> StrEnum:
         raise ConfigError(f"{key}={value!r} is not one of {allowed}") from None
 
 
+class ExportFormat(StrEnum):
+    hf = "hf"  # a transformers folder: AutoModelForCausalLM / AutoTokenizer, no custom code
+    onnx = "onnx"  # an ONNX graph with past key/value inputs, for ONNX Runtime
+
+
 def _positive(**values: float) -> None:
     for key, value in values.items():
         if value <= 0:
@@ -597,6 +602,59 @@ class GenerateConfig(SamplingConfig):
             )
 
 
+# --------------------------------------------------------------------------- export, evaluate
+
+
+@dataclass
+class ExportConfig:
+    """The export command: a model to a transformers or ONNX folder."""
+
+    model_uri: str = MISSING  # every form pocketgpt.load takes
+    format: ExportFormat = ExportFormat.hf
+    out: str = MISSING  # the folder to write; it must not exist unless overwrite=true
+    overwrite: bool = False  # replace an existing out folder (only once the new one is complete)
+    log: bool = False  # also log the folder as an artifact of the model's source MLflow run
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else ./mlruns
+    opset: int = 18  # ONNX opset of the graph (format=onnx)
+
+    def __post_init__(self) -> None:
+        if not str(self.out).strip():
+            raise ConfigError("out='' is empty; give the folder to write, e.g. out=exported/hf")
+        if not 14 <= self.opset <= 23:
+            raise ConfigError(f"opset={self.opset} must be between 14 and 23, e.g. 18")
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluate command: lm-evaluation-harness tasks on a model, logged to its run."""
+
+    model_uri: str = MISSING  # every form pocketgpt.load takes
+    # lm-eval task names. wikitext2_local (the package's test split, as trained: raw text) and
+    # wikitext2_local_detok (lm-eval's wikitext detokenizer) run offline; Hub tasks such as
+    # wikitext, lambada_openai, hellaswag need network.
+    tasks: list[str] = field(default_factory=lambda: ["wikitext2_local"])
+    # Text file of the local tasks (WikiText raw layout, " = Title = " headings); null: the
+    # package's wikitext2_mini test split.
+    local_file: str | None = None
+    limit: int | None = None  # documents (or examples) per task; null: all
+    num_fewshot: int | None = None  # null: each task's own default
+    batch_size: int = 8  # windows per forward pass
+    device: Device = Device.cpu
+    threads: int | None = None  # torch intra-op threads; null: torch's default
+    log: bool = True  # log every task metric into the model's source run (if it has one)
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else ./mlruns
+    output: str | None = None  # also write lm-eval's results as JSON to this file
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("tasks=[] is empty; name at least one, e.g. tasks=[wikitext2_local]")
+        _positive(**{"batch_size": self.batch_size})
+        if self.limit is not None:
+            _positive(**{"limit": self.limit})
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot={self.num_fewshot} must be >= 0 (or null)")
+
+
 def register_configs() -> None:
     """Register the schemas the YAML files extend (``defaults: [train_schema]``)."""
     from hydra.core.config_store import ConfigStore
@@ -604,3 +662,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)

@@ -51,3 +51,11 @@ class CompareError(PocketGPTError, ValueError):
 
 class NonFiniteLossError(PocketGPTError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+class ExportError(PocketGPTError, ValueError):
+    """A model that cannot be exported as asked (a variant, a folder in the way, a format)."""
+
+
+class EvaluationError(PocketGPTError, ValueError):
+    """An evaluation that cannot run: an unknown task, lm-eval missing, an unusable file."""
