@@ -86,7 +86,10 @@ def test_hf_export_matches_our_logits_greedy_tokens_and_token_ids(tiny, tmp_path
 
 
 @pytest.mark.slow
-def test_a_model_without_biases_exports_with_zero_biases(tmp_path):
+@pytest.mark.parametrize(
+    "shape", [{"bias": False}, {"tie_embeddings": False}], ids=["no-bias", "untied-head"]
+)
+def test_a_model_without_biases_or_with_its_own_head_exports_alike(tmp_path, shape):
     from transformers import AutoModelForCausalLM
 
     from pocketgpt.export.hf import write_hf
@@ -95,8 +98,10 @@ def test_a_model_without_biases_exports_with_zero_biases(tmp_path):
     tokenizer = BPETokenizer(vocab_size=300)
     tokenizer.train(TEXTS * 3)
     torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_heads=2, d_ff=64, num_layers=2, bias=False)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_heads=2, d_ff=64, num_layers=2, **shape)
     model = GPTMini(cfg).eval()
+    if not cfg.tie_embeddings:  # a head that differs from the embedding, so a mix-up shows
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
     write_hf(model, tokenizer, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.randint(0, 300, (2, 40))
