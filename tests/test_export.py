@@ -38,18 +38,41 @@ def real_batch(tokenizer, rows: int, length: int) -> torch.Tensor:
     return torch.tensor([ids[i * length : (i + 1) * length] for i in range(rows)])
 
 
+LLAMA = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu"}
+
+
 def test_the_variant_check_reads_the_config_dict():
-    assert unsupported_setting({"d_model": 64, "bias": False}) is None
-    defaults = {"position": "learned", "norm": "layernorm", "activation": "gelu"}
-    assert unsupported_setting({**defaults, "qk_norm": False, "logit_softcap": None}) is None
-    assert unsupported_setting({"zero_init_proj": True, "tie_embeddings": False}) is None
-    assert unsupported_setting({"position": "rope", "norm": "rmsnorm"}) == "position=rope"
-    assert unsupported_setting({"activation": "swiglu"}) == "activation=swiglu"
-    assert unsupported_setting({"qk_norm": True}) == "qk_norm=true"
-    assert unsupported_setting({"logit_softcap": 30.0}) == "logit_softcap=30.0"
-    assert unsupported_setting({"moe_experts": 4}) == "moe_experts=4"  # unknown: refused
+    for fmt in ("hf", "onnx"):
+        assert unsupported_setting({"d_model": 64, "bias": False}, fmt) is None
+        defaults = {"position": "learned", "norm": "layernorm", "activation": "gelu"}
+        assert (
+            unsupported_setting({**defaults, "qk_norm": False, "logit_softcap": None}, fmt) is None
+        )
+        assert unsupported_setting({"zero_init_proj": True, "tie_embeddings": False}, fmt) is None
+        assert unsupported_setting({"qk_norm": True}, fmt) == "qk_norm=true"
+        assert unsupported_setting({"logit_softcap": 30.0}, fmt) == "logit_softcap=30.0"
+        assert unsupported_setting({"moe_experts": 4}, fmt) == "moe_experts=4"  # unknown: refused
+    assert unsupported_setting({"position": "rope", "norm": "rmsnorm"}, "onnx") == "position=rope"
+    assert unsupported_setting({"activation": "swiglu"}, "onnx") == "activation=swiglu"
+    assert unsupported_setting(LLAMA, "onnx") == "position=rope"
     with pytest.raises(ExportError, match=r"^cannot export this variant to onnx: norm=rmsnorm;"):
         check_exportable({"norm": "rmsnorm"}, "onnx")
+
+    # hf: GPT-2's layout or Llama's; a mix names a key of the nearer one
+    assert check_exportable({"d_model": 64}, "hf") == "gpt2"
+    assert check_exportable({**LLAMA, "bias": True, "tie_embeddings": False}, "hf") == "llama"
+    assert check_exportable({**LLAMA, "rope_base": 5e5, "qk_norm": False}, "hf") == "llama"
+    assert unsupported_setting({"position": "rope"}, "hf") == "position=rope"  # rope + LayerNorm
+    assert unsupported_setting({"position": "rope", "norm": "rmsnorm"}, "hf") == "activation=gelu"
+    assert unsupported_setting({**LLAMA, "activation": "relu2"}, "hf") == "activation=relu2"
+    assert unsupported_setting({**LLAMA, "position": "alibi"}, "hf") == "position=alibi"
+    assert unsupported_setting({**LLAMA, "qk_norm": True}, "hf") == "qk_norm=true"
+    assert unsupported_setting({**LLAMA, "logit_softcap": 15.0}, "hf") == "logit_softcap=15.0"
+    assert unsupported_setting({**LLAMA, "moe_experts": 4}, "hf") == "moe_experts=4"
+    with pytest.raises(ExportError, match=r"^cannot export this variant to hf: norm=layernorm;"):
+        check_exportable({**LLAMA, "norm": "layernorm"}, "hf")
+    with pytest.raises(ExportError, match=r"^format='gguf' is unknown"):
+        check_exportable({}, "gguf")
 
 
 @pytest.mark.slow
@@ -107,6 +130,53 @@ def test_a_model_without_biases_or_with_its_own_head_exports_alike(tmp_path, sha
     x = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_rope_rmsnorm_swiglu_exports_as_llama_with_our_logits_and_greedy_tokens(
+    tmp_path, bias, tied
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pocketgpt.export.hf import write_hf
+    from pocketgpt.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer(vocab_size=300)
+    tokenizer.train(TEXTS * 3)
+    cfg = ModelConfig(
+        vocab_size=300, d_model=32, n_heads=2, d_ff=48, num_layers=2, max_len=96, rope_base=500.0,
+        bias=bias, tie_embeddings=tied, **LLAMA,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = GPTMini(cfg).eval()
+    with torch.no_grad():  # every weight, bias and norm scale random and large: a mix-up shows,
+        for p in model.parameters():  # and greedy's top two logits are far apart
+            p.normal_(0.0, 0.3)
+    write_hf(model, tokenizer, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_act"] == "silu"
+    assert config["rope_theta"] == 500.0 and config["rms_norm_eps"] == 1e-5
+    assert (config["intermediate_size"], config["num_key_value_heads"]) == (48, 2)
+    assert config["max_position_embeddings"] == 96 and config["tie_word_embeddings"] is tied
+    assert config["attention_bias"] is bias and config["mlp_bias"] is bias
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    x = torch.randint(0, 300, (3, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-4
+
+    prompts = ["The river rose in the spring of", " = History"]
+    ours_rows = generate_rows(model, tokenizer, prompts, SamplingConfig(max_new_tokens=50))
+    enc = hf_tok(prompts, return_tensors="pt", padding=True)
+    assert not enc["attention_mask"].bool().all()  # one row is left-padded
+    gen = hf.generate(**enc, max_new_tokens=50, do_sample=False)[:, enc["input_ids"].shape[1] :]
+    for ours_row, row in zip(ours_rows, gen.tolist()):
+        row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+        assert row == ours_row and len(row) == 50
 
 
 @pytest.mark.slow
@@ -183,8 +253,9 @@ def test_export_command_names_a_variant_it_cannot_express_and_writes_nothing(tin
     r = _export_cli(f"model_uri={variant}", "format=hf", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: cannot export this variant to hf: position=alibi; only the default architecture "
-        "(learned positions, LayerNorm, GELU, no qk_norm, no logit_softcap) exports"
+        "error: cannot export this variant to hf: position=alibi; only GPT-2's architecture "
+        "(learned positions, LayerNorm, GELU) or Llama's (RoPE, RMSNorm, SwiGLU), without qk_norm "
+        "or logit_softcap, exports"
     ]
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]

@@ -1,13 +1,23 @@
-"""A GPTMini as a transformers GPT-2 folder: ``GPT2LMHeadModel`` weights, config, tokenizer.
+"""A GPTMini as a transformers folder: weights, ``config.json`` and tokenizer, in the layout of
+GPT-2 (``GPT2LMHeadModel``) or of Llama (``LlamaForCausalLM``), whichever the variant is.
 
     write_hf(model, tokenizer, folder)  # then, with no pocketgpt installed:
     AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)
 
-GPTMini is GPT-2's architecture (learned positions, pre-LayerNorm blocks, fused q|k|v, GELU with
-the tanh approximation = ``gelu_new``, LayerNorm eps 1e-5, tied head), so the export is a
+The default GPTMini is GPT-2's architecture (learned positions, pre-LayerNorm blocks, fused
+q|k|v, GELU with the tanh approximation = ``gelu_new``, LayerNorm eps 1e-5), so its export is a
 renaming: GPT-2 keeps its linear layers as ``Conv1D`` with (in, out) weights, the transpose of
 ``nn.Linear``'s (out, in). A model built with ``bias=false`` gets zero biases, which GPT-2
-always has. Nothing here imports transformers: the folder is plain JSON and safetensors.
+always has.
+
+RoPE + RMSNorm + SwiGLU is Llama's block, and our conventions are its own: RoPE rotates the
+pairs (i, i + hs/2) (rotate-half, so q and k rows need no permuting) at frequencies
+``base^(-2i/hs)`` (``rope_theta`` = ``rope_base``); RMSNorm has a weight and no bias, eps 1e-5
+inside the root; SwiGLU is ``proj(silu(gate) * up)`` with ``fc``'s first ``d_ff`` rows the gate
+(Llama's ``gate_proj``) and the next ``d_ff`` the up (``up_proj``). The fused q|k|v splits into
+``q_proj``, ``k_proj``, ``v_proj`` with as many key/value heads as query heads.
+``attention_bias`` and ``mlp_bias`` follow ``bias``. Nothing here imports transformers: the
+folder is plain JSON and safetensors.
 
 The tokenizer: our ``tokenizer.json`` (``Tokenizer.save_hf``: the same ids as ours) without its
 post-processor, so ``tokenizer(text)`` adds no ``<bos>``/``<eos>``, as GPT-2's does not, and as
@@ -24,9 +34,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pocketgpt.model import GPTMini
+from pocketgpt.export.variants import check_exportable
+from pocketgpt.model import NORM_EPS, GPTMini
 
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which GPTMini uses
 SPECIAL_ROLES = {"bos_token": "bos_id", "eos_token": "eos_id", "pad_token": "pad_id"}
 
 
@@ -46,7 +56,7 @@ def gpt2_config(model: GPTMini, tokenizer: Any) -> dict[str, Any]:
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "layer_norm_epsilon": NORM_EPS,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
@@ -101,6 +111,75 @@ def gpt2_state_dict(model: GPTMini) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
+def llama_config(model: GPTMini, tokenizer: Any) -> dict[str, Any]:
+    """The ``config.json`` of transformers' LlamaForCausalLM for this (RoPE + RMSNorm + SwiGLU)
+    model."""
+    cfg = model.config
+    theta = float(cfg.rope_base)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,  # plain multi-head attention
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_len,
+        "rms_norm_eps": NORM_EPS,
+        # transformers 5 reads rope_parameters, 4.x rope_theta: both, so either loads it
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "tie_word_embeddings": _tied(model),
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "dtype": "float32",
+    }
+
+
+def llama_state_dict(model: GPTMini) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's tensors from GPTMini's (contiguous CPU copies)."""
+    C, d_ff = model.config.d_model, model.config.d_ff
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": model.tok_emb.weight,
+        "model.norm.weight": model.ln_f.weight,
+    }
+
+    def linear(name: str, layer: torch.nn.Linear, rows: slice = slice(None)) -> None:
+        out[name + ".weight"] = layer.weight[rows]  # (out, in), as nn.Linear's
+        if layer.bias is not None:
+            out[name + ".bias"] = layer.bias[rows]
+
+    for i, block in enumerate(model.blocks):
+        h = f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = block.ln1.weight
+        out[h + "post_attention_layernorm.weight"] = block.ln2.weight
+        qkv = block.attn.qkv  # rows: q | k | v, each head's hs rows in turn, as Llama's
+        linear(h + "self_attn.q_proj", qkv, slice(0, C))
+        linear(h + "self_attn.k_proj", qkv, slice(C, 2 * C))
+        linear(h + "self_attn.v_proj", qkv, slice(2 * C, 3 * C))
+        linear(h + "self_attn.o_proj", block.attn.proj)
+        linear(h + "mlp.gate_proj", block.ff.fc, slice(0, d_ff))  # fc's rows: gate | up
+        linear(h + "mlp.up_proj", block.ff.fc, slice(d_ff, 2 * d_ff))
+        linear(h + "mlp.down_proj", block.ff.proj)
+    if not _tied(model):
+        out["lm_head.weight"] = model.lm_head.weight
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+# layout (export.variants.LAYOUTS) -> (config.json, tensors)
+WRITERS = {"gpt2": (gpt2_config, gpt2_state_dict), "llama": (llama_config, llama_state_dict)}
+
+
 def tokenizer_files(tokenizer: Any, max_len: int, scratch: Path) -> dict[str, str]:
     """{file name: text} of tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
@@ -134,10 +213,11 @@ def tokenizer_files(tokenizer: Any, max_len: int, scratch: Path) -> dict[str, st
 
 def write_hf(model: GPTMini, tokenizer: Any, folder: str | Path) -> Path:
     """Write the transformers folder's files into ``folder`` (an empty, temporary one: the
-    caller renames it into place)."""
+    caller renames it into place), in the layout of the model's variant (ExportError: none)."""
     folder = Path(folder)
-    save_file(gpt2_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = gpt2_config(model, tokenizer)
+    make_config, make_tensors = WRITERS[check_exportable(model.config.to_dict(), "hf")]
+    save_file(make_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = make_config(model, tokenizer)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     generation = {
         k: config[k]

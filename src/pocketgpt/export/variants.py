@@ -2,9 +2,10 @@
 
 Checked on the config dict, before any model is built: a folder written by a newer pocketgpt
 (with variant keys this version's ``ModelConfig`` does not know) still gets the export's own
-one-line answer rather than a loading error. The exported graphs (GPT-2's layout for
-transformers, the ONNX decoder) implement the default architecture: learned positions,
-LayerNorm, a GELU (tanh) feed-forward, plain attention logits. An untied head is fine for both.
+one-line answer rather than a loading error. Each format writes one or more standard layouts:
+``hf`` GPT-2's (learned positions, LayerNorm, a GELU (tanh) feed-forward) or Llama's (RoPE,
+RMSNorm, SwiGLU); ``onnx`` GPT-2's graph only. None has qk_norm or a logit softcap. Biases (on
+or off) and an untied head are fine for every layout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pocketgpt.errors import ExportError
 
-# The default of each architecture key (absent means the default).
+# The default of each architecture key (absent means the default): GPT-2's block.
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "position": "learned",
     "norm": "layernorm",
@@ -22,8 +23,27 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "qk_norm": False,
     "logit_softcap": None,
 }
-# Keys that change no exported tensor or operation: the shape (carried over), initialisation
-# only, RoPE's base (unused with learned positions), and the head's tying (handled).
+# The architecture keys' values of each layout a format can write.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "gpt2": DEFAULT_ARCHITECTURE,
+    "llama": {
+        **DEFAULT_ARCHITECTURE,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "activation": "swiglu",
+    },
+}
+FORMAT_LAYOUTS: dict[str, tuple[str, ...]] = {"hf": ("gpt2", "llama"), "onnx": ("gpt2",)}
+# What the refusal says each format takes.
+FORMAT_TAKES = {
+    "hf": "GPT-2's architecture (learned positions, LayerNorm, GELU) or Llama's (RoPE, RMSNorm, "
+    "SwiGLU), without qk_norm or logit_softcap, exports",
+    "onnx": "the default architecture (learned positions, LayerNorm, GELU, no qk_norm, "
+    "no logit_softcap) exports",
+}
+# Keys that change no exported operation: the shape (carried over), initialisation only,
+# RoPE's base (Llama's rope_theta; unused with learned positions), biases and the head's tying
+# (both handled by every layout).
 NEUTRAL_KEYS = {
     "architecture",
     "vocab_size",
@@ -40,32 +60,50 @@ NEUTRAL_KEYS = {
 }
 
 
-def unsupported_setting(config: dict[str, Any]) -> str | None:
-    """The first ``key=value`` of ``config`` the exports cannot express, or None.
+def mismatches(config: dict[str, Any], layout: str) -> list[str]:
+    """Each ``key=value`` of ``config`` that ``layout`` (a key of LAYOUTS) cannot express."""
+    wanted = LAYOUTS[layout]
+    out = [
+        f"{key}={_show(config.get(key, DEFAULT_ARCHITECTURE[key]))}"
+        for key, value in wanted.items()
+        if config.get(key, DEFAULT_ARCHITECTURE[key]) != value
+    ]
+    # A key this version does not know: refuse, not guess.
+    out += [f"{k}={_show(v)}" for k, v in config.items() if k not in NEUTRAL_KEYS | wanted.keys()]
+    return out
 
-    >>> unsupported_setting({"d_model": 64, "position": "rope"})
+
+def unsupported_setting(config: dict[str, Any], fmt: str) -> str | None:
+    """The first ``key=value`` of ``config`` that keeps ``fmt`` (hf, onnx) from writing it, or
+    None. With several layouts, the key named is that of the nearest one (fewest mismatches).
+
+    >>> unsupported_setting({"d_model": 64, "position": "rope"}, "hf")
     'position=rope'
-    >>> unsupported_setting({"d_model": 64, "qk_norm": False}) is None
-    True
+    >>> unsupported_setting({"position": "rope", "norm": "rmsnorm"}, "hf")
+    'activation=gelu'
+    >>> unsupported_setting({"position": "rope", "norm": "rmsnorm", "activation": "swiglu"}, "hf")
     """
-    for key, default in DEFAULT_ARCHITECTURE.items():
-        value = config.get(key, default)
-        if value != default:
-            return f"{key}={_show(value)}"
-    for key, value in config.items():
-        if key not in NEUTRAL_KEYS and key not in DEFAULT_ARCHITECTURE:
-            return f"{key}={_show(value)}"  # a key this version does not know: refuse, not guess
-    return None
+    if layout_for(config, fmt) is not None:
+        return None
+    nearest = min((mismatches(config, name) for name in FORMAT_LAYOUTS[fmt]), key=len)
+    return nearest[0]
 
 
-def check_exportable(config: dict[str, Any], fmt: str) -> None:
-    """Raise ExportError naming the first setting ``fmt`` (hf, onnx) cannot express."""
-    bad = unsupported_setting(config)
-    if bad is not None:
-        raise ExportError(
-            f"cannot export this variant to {fmt}: {bad}; only the default architecture "
-            "(learned positions, LayerNorm, GELU, no qk_norm, no logit_softcap) exports"
-        )
+def layout_for(config: dict[str, Any], fmt: str) -> str | None:
+    """The layout (a key of LAYOUTS) ``fmt`` writes ``config`` in, or None if none fits."""
+    if fmt not in FORMAT_LAYOUTS:
+        raise ExportError(f"format={fmt!r} is unknown; use one of {', '.join(FORMAT_LAYOUTS)}")
+    return next((name for name in FORMAT_LAYOUTS[fmt] if not mismatches(config, name)), None)
+
+
+def check_exportable(config: dict[str, Any], fmt: str) -> str:
+    """``config``'s layout in ``fmt`` (see layout_for); ExportError naming the first setting
+    ``fmt`` cannot express if there is none."""
+    layout = layout_for(config, fmt)
+    if layout is None:
+        bad = unsupported_setting(config, fmt)
+        raise ExportError(f"cannot export this variant to {fmt}: {bad}; only {FORMAT_TAKES[fmt]}")
+    return layout
 
 
 def _show(value: Any) -> str:
