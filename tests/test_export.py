@@ -140,7 +140,7 @@ def test_rope_rmsnorm_swiglu_exports_as_llama_with_our_logits_and_greedy_tokens(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pocketgpt.export.hf import write_hf
+    from pocketgpt.model_io import save_model
     from pocketgpt.tokenizer import BPETokenizer
 
     tokenizer = BPETokenizer(vocab_size=300)
@@ -154,16 +154,17 @@ def test_rope_rmsnorm_swiglu_exports_as_llama_with_our_logits_and_greedy_tokens(
     with torch.no_grad():  # every weight, bias and norm scale random and large: a mix-up shows,
         for p in model.parameters():  # and greedy's top two logits are far apart
             p.normal_(0.0, 0.3)
-    write_hf(model, tokenizer, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+    tokenizer.save(save_model(model, tmp_path / "model") / "tokenizer.json")
+    out = export(str(tmp_path / "model"), "hf", tmp_path / "hf")  # the command's path
+    config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_act"] == "silu"
     assert config["rope_theta"] == 500.0 and config["rms_norm_eps"] == 1e-5
     assert (config["intermediate_size"], config["num_key_value_heads"]) == (48, 2)
     assert config["max_position_embeddings"] == 96 and config["tie_word_embeddings"] is tied
     assert config["attention_bias"] is bias and config["mlp_bias"] is bias
 
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
     assert type(hf).__name__ == "LlamaForCausalLM"
     x = torch.randint(0, 300, (3, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

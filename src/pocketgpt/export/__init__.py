@@ -5,8 +5,9 @@
 
 ``export`` reads the model folder (any URI ``pocketgpt.load`` takes), refuses an architecture
 the format cannot express (``variants``), writes the new folder under a temporary name and
-renames it into place, so ``out`` is either complete or untouched. ``hf``: see ``export.hf``;
-``onnx``: ``export.onnx`` (model.onnx, onnx_config.json and the model's tokenizer.json).
+renames it into place, so ``out`` is either complete or untouched. ``hf``: see ``export.hf``
+(GPT-2's or Llama's layout); ``onnx``: ``export.onnx`` (model.onnx, onnx_config.json and the
+model's tokenizer.json).
 """
 
 from __future__ import annotations
