@@ -1,12 +1,39 @@
-"""Only the optional C core of the tokenizer; all other metadata lives in pyproject.toml.
+"""The package's optional compiled parts; all other metadata lives in pyproject.toml.
 
-``pip install -e .`` (``make install``) and ``pip wheel .`` compile
-``pocketgpt/tokenizer/_bpe_core.c`` with the machine's C compiler. ``optional=True``: where
-there is no compiler (or the build fails), setuptools prints a warning and installs the package
-without it, and ``BPETokenizer`` runs its pure-Python merge loop (same ids, slower).
+``pip install -e .`` (``make install``) and ``pip wheel .`` compile, with the machine's compilers:
+
+- ``pocketgpt/tokenizer/_bpe_core.c``: the BPE encoder's C core;
+- ``pocketgpt/native/csrc/*.cpp``: the native inference engine (C++17, OpenMP, pybind11).
+
+Both are ``optional=True``: where there is no compiler (or a build fails), setuptools prints a
+warning and installs the package without it; ``BPETokenizer`` then runs its pure-Python merge
+loop (same ids, slower) and ``engine=auto`` generates with PyTorch (with a one-line notice).
 """
 
+from glob import glob
+
 from setuptools import Extension, setup
+
+
+def native_engine() -> list[Extension]:
+    """The C++ engine, when pybind11 (a build requirement) is importable."""
+    try:
+        import pybind11
+    except ImportError:  # e.g. --no-build-isolation without pybind11: PyTorch path only
+        print("pocketgpt: pybind11 not found; skipping the native engine", flush=True)
+        return []
+    return [
+        Extension(
+            "pocketgpt.native._engine",
+            sources=sorted(glob("src/pocketgpt/native/csrc/*.cpp")),
+            include_dirs=[pybind11.get_include()],
+            language="c++",
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+
 
 setup(
     ext_modules=[
@@ -15,6 +42,7 @@ setup(
             sources=["src/pocketgpt/tokenizer/_bpe_core.c"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        *native_engine(),
     ]
 )

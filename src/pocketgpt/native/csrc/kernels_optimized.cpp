@@ -1,0 +1,145 @@
+// The fast set: packed panels, register tiles, a fused softmax, OpenMP.
+//
+// GCC compiles each hot function for AVX-512, AVX2+FMA and baseline x86-64
+// (target_clones); the loader picks the best one for the CPU at run time, so one build serves
+// any x86-64 machine. Elsewhere (ARM) the plain build is used.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.hpp"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PGPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PGPT_CLONES
+#endif
+
+namespace pgpt::optimized {
+
+namespace {
+
+// acc (MR, 16) = x rows m..m+MR-1 (ld K) times one panel (K, 16). The j loop is 16 independent
+// multiply-adds on adjacent floats: the compiler turns it into SIMD FMAs, and the MR x 16
+// accumulators stay in registers for the whole k loop.
+template <int MR, typename W>
+inline __attribute__((always_inline)) void tile(const float* x, int K, const W* panel,
+                                                float (&acc)[kTileRows][kPanel]) {
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < kPanel; ++j) acc[i][j] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        float wk[kPanel];
+        for (int j = 0; j < kPanel; ++j) wk[j] = static_cast<float>(panel[k * kPanel + j]);
+        for (int i = 0; i < MR; ++i) {
+            const float xv = x[static_cast<size_t>(i) * K + k];
+            for (int j = 0; j < kPanel; ++j) acc[i][j] += xv * wk[j];
+        }
+    }
+}
+
+template <typename W>
+inline __attribute__((always_inline)) void panel_rows(const LinearWeights& lw, const W* panel,
+                                                      int p, const float* x, int rows, float* y) {
+    const int K = lw.in, N = lw.out, n0 = p * kPanel, nn = std::min(kPanel, N - n0);
+    float acc[kTileRows][kPanel];
+    for (int m = 0; m < rows; m += kTileRows) {
+        const int mr = std::min(kTileRows, rows - m);
+        const float* xm = x + static_cast<size_t>(m) * K;
+        switch (mr) {
+            case 4: tile<4>(xm, K, panel, acc); break;
+            case 3: tile<3>(xm, K, panel, acc); break;
+            case 2: tile<2>(xm, K, panel, acc); break;
+            default: tile<1>(xm, K, panel, acc); break;
+        }
+        for (int i = 0; i < mr; ++i) {
+            float* yr = y + static_cast<size_t>(m + i) * N + n0;
+            for (int j = 0; j < nn; ++j) {
+                float v = acc[i][j];
+                if (lw.int8) v *= lw.scale[n0 + j];  // dequantize once per output, not per k
+                yr[j] = v + (lw.bias ? lw.bias[n0 + j] : 0.0f);
+            }
+        }
+    }
+}
+
+// One thread's share of the panels. Kept apart from the OpenMP region so that the CPU-specific
+// clones apply to it (GCC outlines an OpenMP region body into a function of its own).
+PGPT_CLONES void linear_panels(const LinearWeights& lw, const float* x, int rows, float* y, int p0,
+                               int p1) {
+    const size_t panel_size = static_cast<size_t>(lw.in) * kPanel;
+    for (int p = p0; p < p1; ++p) {
+        if (lw.int8)
+            panel_rows(lw, lw.q.data() + p * panel_size, p, x, rows, y);
+        else
+            panel_rows(lw, lw.packed.data() + p * panel_size, p, x, rows, y);
+    }
+}
+
+// One query row of one head: scores, then a fused softmax and weighted sum of values.
+PGPT_CLONES void attend(const AttentionBatch& a, const float* qkv, float* out, int it, float* s) {
+    const int hs = a.head_size, C = a.n_heads * hs;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+    const int b = it / (a.n_heads * a.T), h = (it / a.T) % a.n_heads, t = it % a.T;
+    const int col = a.start + t;
+    const int first = col >= a.pads[b] ? a.pads[b] : col;  // padding queries: self only
+    const float* q = qkv + static_cast<size_t>(b * a.T + t) * 3 * C + h * hs;
+    const size_t head = (static_cast<size_t>(b) * a.n_heads + h) * a.max_len;
+    const float* keys = a.keys + head * hs;
+    const float* values = a.values + head * hs;
+    // Pass 1: scaled scores and their max.
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = first; j <= col; ++j) {
+        const float* k = keys + static_cast<size_t>(j) * hs;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < hs; ++d) dot += q[d] * k[d];
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+    }
+    // Pass 2, fused: exponentiate, sum and accumulate the values in one sweep; the division by
+    // the sum happens once per output element instead of once per weight.
+    float* o = out + static_cast<size_t>(b * a.T + t) * C + h * hs;
+    for (int d = 0; d < hs; ++d) o[d] = 0.0f;
+    float sum = 0.0f;
+    for (int j = first; j <= col; ++j) {
+        const float e = std::exp(s[j] - mx);
+        sum += e;
+        const float* v = values + static_cast<size_t>(j) * hs;
+#pragma omp simd
+        for (int d = 0; d < hs; ++d) o[d] += e * v[d];
+    }
+    const float inv = 1.0f / sum;
+    for (int d = 0; d < hs; ++d) o[d] *= inv;
+}
+
+}  // namespace
+
+void linear(const LinearWeights& lw, const float* x, int rows, float* y, int threads) {
+    const int panels = (lw.out + kPanel - 1) / kPanel;
+    // Threads split the output columns (panels): each reads only its own weights, and all of x,
+    // which is what a one-token step (rows = B) needs. Tiny layers stay on one thread.
+    const bool parallel = threads > 1 && static_cast<size_t>(rows) * lw.in * lw.out >= 32768;
+    if (!parallel) return linear_panels(lw, x, rows, y, 0, panels);
+#pragma omp parallel num_threads(threads)
+    {
+        const int n = omp_get_num_threads(), id = omp_get_thread_num();
+        linear_panels(lw, x, rows, y, panels * id / n, panels * (id + 1) / n);
+    }
+}
+
+void attention(const AttentionBatch& a, const float* qkv, float* out, int threads) {
+    const int items = a.B * a.n_heads * a.T;
+    const size_t work = static_cast<size_t>(items) * (a.start + a.T) * a.head_size;
+    const bool parallel = threads > 1 && items > 1 && work >= 16384;
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+        std::vector<float> s(a.max_len);  // this thread's scores
+#pragma omp for schedule(static)
+        for (int it = 0; it < items; ++it) attend(a, qkv, out, it, s.data());
+    }
+}
+
+}  // namespace pgpt::optimized
