@@ -36,9 +36,11 @@ SUPPORTED = {
 def extension_error() -> str | None:
     """Why the C++ extension cannot be imported, or None when it can."""
     try:
-        from pocketgpt.native import _engine  # noqa: F401
+        from pocketgpt.native._engine import Engine  # noqa: F401
     except ImportError as e:
-        return f"the C++ extension is not built ({e}); reinstall with a C++ compiler: pip install -e ."
+        return (
+            f"the C++ extension is not built ({e}); reinstall with a C++ compiler: pip install -e ."
+        )
     return None
 
 
@@ -71,7 +73,9 @@ def open_engine(model_dir: str | os.PathLike, device: str, cfg: EngineConfig):
 
         return NativeGPT(model_dir, config, cfg)
     if cfg.engine == Engine.native:
-        raise ConfigError(f"engine=native cannot run this model: {reason}; use engine=auto or torch")
+        raise ConfigError(
+            f"engine=native cannot run this model: {reason}; use engine=auto or torch"
+        )
     dropped = f" (quantize={cfg.quantize.value} not applied)" if cfg.quantize != "none" else ""
     log.warning("engine=auto: generating with PyTorch%s, because %s", dropped, reason)
     return None

@@ -14,13 +14,13 @@ import torch
 
 from pocketgpt.config import EngineConfig, ModelConfig
 from pocketgpt.errors import ConfigError, ModelFileError
-from pocketgpt.native import _engine
+from pocketgpt.native._engine import Engine, EngineFileError
 
 
 class NativeKVCache:
     """GPTMini's ``KVCache`` interface over the engine's cache (keys, values and scratch)."""
 
-    def __init__(self, engine: _engine.Engine, batch_size: int, max_len: int):
+    def __init__(self, engine: Engine, batch_size: int, max_len: int):
         self.batch_size, self.max_len = batch_size, max_len
         self.pads: torch.Tensor | None = None
         self._cache = engine.new_cache(batch_size)
@@ -52,14 +52,14 @@ class NativeGPT:
         self.config = config
         self.engine_config = cfg
         try:
-            self._engine = _engine.Engine(
+            self._engine = Engine(
                 os.fspath(model_dir),
                 kernels=cfg.kernels.value,
                 quantize=cfg.quantize.value,
                 quantize_head=cfg.quantize_head,
                 threads=cfg.threads or 0,
             )
-        except _engine.EngineFileError as e:
+        except EngineFileError as e:
             raise ModelFileError(str(e)) from None
 
     def __repr__(self) -> str:
