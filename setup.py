@@ -28,7 +28,7 @@ def native_engine() -> list[Extension]:
             sources=sorted(glob("src/pocketgpt/native/csrc/*.cpp")),
             include_dirs=[pybind11.get_include()],
             language="c++",
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"],
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

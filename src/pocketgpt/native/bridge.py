@@ -36,6 +36,14 @@ class NativeKVCache:
             self._cache.reset(pads.cpu().numpy())
         return self
 
+    def start_profile(self) -> None:
+        """Time each stage of every forward on this cache from now on (benchmarks/bench_native)."""
+        self._cache.start_profile()
+
+    def profile(self) -> dict[str, float]:
+        """Seconds per stage (embed, layer_norm, qkv, attention, ..., head) since start_profile."""
+        return dict(self._cache.profile())
+
 
 class NativeGPT:
     """Inference-only stand-in for ``GPTMini`` (eval mode, no gradients) on the native engine.

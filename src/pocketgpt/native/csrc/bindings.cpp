@@ -72,7 +72,19 @@ PYBIND11_MODULE(_engine, m) {
                 c.reset(p);
             },
             py::arg("pads"))
-        .def("clear_pads", [](KVCache& c) { c.reset({}); });
+        .def("clear_pads", [](KVCache& c) { c.reset({}); })
+        .def(
+            "start_profile",
+            [](KVCache& c) {
+                c.profile = true;
+                c.seconds.fill(0.0);
+            },
+            "Time each stage of every forward from now on (profile() reads the totals).")
+        .def("profile", [](const KVCache& c) {
+            py::dict d;
+            for (int s = 0; s < pgpt::kStages; ++s) d[pgpt::kStageNames[s]] = c.seconds[s];
+            return d;
+        });
 
     py::class_<Engine>(m, "Engine")
         .def(py::init(&make_engine), py::arg("folder"), py::arg("kernels") = "optimized",

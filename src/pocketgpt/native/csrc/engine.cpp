@@ -62,6 +62,27 @@ void Engine::linear(const LinearWeights& lw, const float* x, int rows, float* y)
         optimized::linear(lw, x, rows, y, options_.threads);
 }
 
+namespace {
+
+// Adds the time since the last mark to a stage's total, when the cache is profiling.
+class StageClock {
+  public:
+    explicit StageClock(KVCache& c) : c_(c), last_(now()) {}
+    void mark(Stage s) {
+        if (!c_.profile) return;
+        const auto t = now();
+        c_.seconds[s] += std::chrono::duration<double>(t - last_).count();
+        last_ = t;
+    }
+
+  private:
+    static std::chrono::steady_clock::time_point now() { return std::chrono::steady_clock::now(); }
+    KVCache& c_;
+    std::chrono::steady_clock::time_point last_;
+};
+
+}  // namespace
+
 void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bool all_positions,
                      float* logits) const {
     const ModelShape& s = shape_;
@@ -82,6 +103,7 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
     c.att.resize(static_cast<size_t>(R) * C);
     c.qkv.resize(static_cast<size_t>(R) * 3 * C);
     c.ff.resize(static_cast<size_t>(R) * F);
+    StageClock clock(c);
 
     // Embeddings: a row padded by p tokens has its column i at position i - p (clamped at 0).
     for (int b = 0; b < B; ++b)
@@ -92,6 +114,7 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
             float* x = c.x.data() + static_cast<size_t>(b * T + t) * C;
             for (int i = 0; i < C; ++i) x[i] = te[i] + pe[i];
         }
+    clock.mark(kEmbed);
 
     for (size_t li = 0; li < layers_.size(); ++li) {
         const Layer& l = layers_[li];
@@ -99,6 +122,7 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
         float* values = keys + c.layer_stride / 2;
         // Attention: x += proj(attend(qkv(ln1(x))))
         layer_norm(c.x.data(), R, C, l.ln1_w, l.ln1_b, c.h.data());
+        clock.mark(kNorm);
         linear(l.qkv, c.h.data(), R, c.qkv.data());  // (R, 3C): q | k | v, heads side by side
         for (int b = 0; b < B; ++b)
             for (int t = 0; t < T; ++t) {
@@ -109,19 +133,28 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
                     std::memcpy(values + slot, row + 2 * C + h * hs, sizeof(float) * hs);
                 }
             }
+        clock.mark(kQKV);  // the projection and the cache writes
         const AttentionBatch a{B, T, start, nh, hs, L, c.pads.data(), keys, values};
         if (options_.kernels == KernelSet::Naive)
             naive::attention(a, c.qkv.data(), c.att.data());
         else
             optimized::attention(a, c.qkv.data(), c.att.data(), options_.threads);
+        clock.mark(kAttention);
         linear(l.proj, c.att.data(), R, c.h.data());
+        clock.mark(kProj);
         for (size_t i = 0; i < c.x.size(); ++i) c.x[i] += c.h[i];
+        clock.mark(kResidual);
         // Feed-forward: x += proj(gelu(fc(ln2(x))))
         layer_norm(c.x.data(), R, C, l.ln2_w, l.ln2_b, c.h.data());
+        clock.mark(kNorm);
         linear(l.fc, c.h.data(), R, c.ff.data());
+        clock.mark(kFC);
         gelu_tanh(c.ff.data(), c.ff.size());
+        clock.mark(kGELU);
         linear(l.ff_proj, c.ff.data(), R, c.h.data());
+        clock.mark(kFFProj);
         for (size_t i = 0; i < c.x.size(); ++i) c.x[i] += c.h[i];
+        clock.mark(kResidual);
     }
 
     // Final norm and the tied head, over every position or each row's last one only (what
@@ -137,7 +170,9 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
         src = c.head_in.data();
     }
     layer_norm(src, rows, C, lnf_w_, lnf_b_, c.h.data());
+    clock.mark(kNorm);
     linear(head_, c.h.data(), rows, logits);
+    clock.mark(kHead);
 }
 
 }  // namespace pgpt

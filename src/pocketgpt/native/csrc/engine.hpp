@@ -2,6 +2,8 @@
 // blocks, fused qkv, GELU (tanh), tied head) over a preallocated KV cache, with left padding.
 #pragma once
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -19,6 +21,11 @@ struct EngineOptions {
     int threads = 1;         // OpenMP threads of the optimized kernels
 };
 
+// The stages of a forward pass a profile splits its time into.
+enum Stage { kEmbed, kNorm, kQKV, kAttention, kProj, kFC, kGELU, kFFProj, kResidual, kHead, kStages };
+constexpr const char* kStageNames[kStages] = {"embed", "layer_norm", "qkv", "attention", "attn_proj",
+                                              "ff_fc", "gelu", "ff_proj", "residual", "head"};
+
 // One sequence batch's keys and values for every layer, plus the forward's scratch space, so
 // concurrent generations (each with its own cache) share nothing writable.
 struct KVCache {
@@ -30,6 +37,10 @@ struct KVCache {
     std::vector<float> kv;   // (layers, 2, B, nh, L, hs)
     std::vector<int> pads;   // (B,)
     std::vector<float> x, h, qkv, att, ff, head_in;  // scratch, grown on demand
+    // Seconds spent per stage over every forward since profiling was switched on; off by
+    // default (two clock reads per stage are cheap but not free).
+    bool profile = false;
+    std::array<double, kStages> seconds{};
 };
 
 class Engine {

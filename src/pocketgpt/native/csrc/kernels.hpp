@@ -7,6 +7,7 @@
 // loop: acc += x * q, then y = acc * scale + bias). Activations are always fp32.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

@@ -22,29 +22,45 @@ namespace pgpt::optimized {
 
 namespace {
 
-// acc (MR, 16) = x rows m..m+MR-1 (ld K) times one panel (K, 16). The j loop is 16 independent
-// multiply-adds on adjacent floats: the compiler turns it into SIMD FMAs, and the MR x 16
-// accumulators stay in registers for the whole k loop.
-template <int MR, typename W>
-inline __attribute__((always_inline)) void tile(const float* x, int K, const W* panel,
-                                                float (&acc)[kTileRows][kPanel]) {
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < kPanel; ++j) acc[i][j] = 0.0f;
-    for (int k = 0; k < K; ++k) {
-        float wk[kPanel];
-        for (int j = 0; j < kPanel; ++j) wk[j] = static_cast<float>(panel[k * kPanel + j]);
-        for (int i = 0; i < MR; ++i) {
-            const float xv = x[static_cast<size_t>(i) * K + k];
-            for (int j = 0; j < kPanel; ++j) acc[i][j] += xv * wk[j];
+// 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones (GCC's vector extension maps
+// it onto whatever the clone being compiled has). aligned(4): loads need no 64-byte alignment.
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+
+inline __attribute__((always_inline)) f32x16 load16(const float* p) {
+    return *reinterpret_cast<const f32x16*>(p);
+}
+
+// acc[i] (16 columns) = x row i (of MR, stride K) times one panel (K, 16). Each k is one
+// broadcast of x and one vector multiply-add per row into accumulators that stay in registers.
+// With one or two rows (a decoding step) a single chain of dependent adds would wait on the
+// adder's latency, so even and odd k go to two accumulator sets, summed at the end.
+template <int MR>
+inline __attribute__((always_inline)) void tile(const float* x, int K, const float* panel,
+                                                f32x16 (&acc)[kTileRows]) {
+    constexpr int SETS = MR <= 2 ? 2 : 1;
+    f32x16 a[SETS][MR];
+    for (int s = 0; s < SETS; ++s)
+        for (int i = 0; i < MR; ++i) a[s][i] = f32x16{};
+    int k = 0;
+    for (; k + SETS <= K; k += SETS)
+        for (int s = 0; s < SETS; ++s) {
+            const f32x16 w = load16(panel + static_cast<size_t>(k + s) * kPanel);
+            for (int i = 0; i < MR; ++i) a[s][i] += x[static_cast<size_t>(i) * K + k + s] * w;
         }
+    for (; k < K; ++k) {
+        const f32x16 w = load16(panel + static_cast<size_t>(k) * kPanel);
+        for (int i = 0; i < MR; ++i) a[0][i] += x[static_cast<size_t>(i) * K + k] * w;
+    }
+    for (int i = 0; i < MR; ++i) {
+        acc[i] = a[0][i];
+        for (int s = 1; s < SETS; ++s) acc[i] += a[s][i];
     }
 }
 
-template <typename W>
-inline __attribute__((always_inline)) void panel_rows(const LinearWeights& lw, const W* panel,
+inline __attribute__((always_inline)) void panel_rows(const LinearWeights& lw, const float* panel,
                                                       int p, const float* x, int rows, float* y) {
     const int K = lw.in, N = lw.out, n0 = p * kPanel, nn = std::min(kPanel, N - n0);
-    float acc[kTileRows][kPanel];
+    f32x16 acc[kTileRows];
     for (int m = 0; m < rows; m += kTileRows) {
         const int mr = std::min(kTileRows, rows - m);
         const float* xm = x + static_cast<size_t>(m) * K;
@@ -70,11 +86,18 @@ inline __attribute__((always_inline)) void panel_rows(const LinearWeights& lw, c
 PGPT_CLONES void linear_panels(const LinearWeights& lw, const float* x, int rows, float* y, int p0,
                                int p1) {
     const size_t panel_size = static_cast<size_t>(lw.in) * kPanel;
+    if (!lw.int8) {
+        for (int p = p0; p < p1; ++p) panel_rows(lw, lw.packed.data() + p * panel_size, p, x, rows, y);
+        return;
+    }
+    // int8: widen one panel at a time into a small fp32 buffer that stays in L1 (a plain loop
+    // the compiler vectorizes: sign-extend, convert), then run the fp32 tiles on it. The weights
+    // travel from memory as int8, a quarter of the bytes; the scale is applied per output.
+    std::vector<float> buf(panel_size);
     for (int p = p0; p < p1; ++p) {
-        if (lw.int8)
-            panel_rows(lw, lw.q.data() + p * panel_size, p, x, rows, y);
-        else
-            panel_rows(lw, lw.packed.data() + p * panel_size, p, x, rows, y);
+        const int8_t* q = lw.q.data() + p * panel_size;
+        for (size_t i = 0; i < panel_size; ++i) buf[i] = static_cast<float>(q[i]);
+        panel_rows(lw, buf.data(), p, x, rows, y);
     }
 }
 
