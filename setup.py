@@ -8,8 +8,10 @@
 Both are ``optional=True``: where there is no compiler (or a build fails), setuptools prints a
 warning and installs the package without it; ``BPETokenizer`` then runs its pure-Python merge
 loop (same ids, slower) and ``engine=auto`` generates with PyTorch (with a one-line notice).
+``POCKETGPT_NATIVE=0`` leaves the engine out on purpose (its -O3 build takes ~30 s of CPU).
 """
 
+import os
 from glob import glob
 
 from setuptools import Extension, setup
@@ -17,6 +19,9 @@ from setuptools import Extension, setup
 
 def native_engine() -> list[Extension]:
     """The C++ engine, when pybind11 (a build requirement) is importable."""
+    if os.environ.get("POCKETGPT_NATIVE", "1") == "0":
+        print("pocketgpt: POCKETGPT_NATIVE=0; building without the native engine", flush=True)
+        return []
     try:
         import pybind11
     except ImportError:  # e.g. --no-build-isolation without pybind11: PyTorch path only
@@ -28,7 +33,13 @@ def native_engine() -> list[Extension]:
             sources=sorted(glob("src/pocketgpt/native/csrc/*.cpp")),
             include_dirs=[pybind11.get_include()],
             language="c++",
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"],
+            extra_compile_args=[
+                "-O3",
+                "-std=c++17",
+                "-fopenmp",
+                "-fvisibility=hidden",
+                "-Wno-psabi",
+            ],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

@@ -149,7 +149,10 @@ void Engine::forward(KVCache& c, const int64_t* ids, int B, int T, int start, bo
         clock.mark(kNorm);
         linear(l.fc, c.h.data(), R, c.ff.data());
         clock.mark(kFC);
-        gelu_tanh(c.ff.data(), c.ff.size());
+        if (options_.kernels == KernelSet::Naive)
+            gelu_tanh(c.ff.data(), c.ff.size());
+        else
+            optimized::gelu_tanh(c.ff.data(), c.ff.size());
         clock.mark(kGELU);
         linear(l.ff_proj, c.ff.data(), R, c.h.data());
         clock.mark(kFFProj);

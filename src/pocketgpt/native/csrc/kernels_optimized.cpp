@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -139,6 +140,38 @@ PGPT_CLONES void attend(const AttentionBatch& a, const float* qkv, float* out, i
 }
 
 }  // namespace
+
+// GELU (tanh form) with a tanh the compiler can vectorize: std::tanh is a library call per
+// element, which leaves the loop scalar. tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|),
+// and exp by range reduction: e = 2^n * exp(r), |r| <= ln2/2, exp(r) by its degree-6 Taylor
+// polynomial (relative error < 2e-7, i.e. about one float rounding), 2^n built in the exponent
+// bits. No calls, no branches: 16 elements per instruction on AVX-512.
+PGPT_CLONES void gelu_tanh(float* x, size_t n) {
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    for (size_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        const float u = k * (v + 0.044715f * v * v * v);
+        const float a2 = 2.0f * std::fabs(u);
+        const float a = a2 < 80.0f ? a2 : 80.0f;  // e = exp(-a); e^-80 ~ 0 in fp32
+        // n = round(-a / ln2): adding and subtracting 1.5 * 2^23 rounds to an integer without
+        // a call (std::floor would keep the loop scalar)
+        const float t = (-a * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
+        const float r = -a - t * 0.6931471805599453f;
+        float p = 1.0f / 720.0f;
+        p = p * r + 1.0f / 120.0f;
+        p = p * r + 1.0f / 24.0f;
+        p = p * r + 1.0f / 6.0f;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        const int32_t bits = (static_cast<int32_t>(t) + 127) << 23;  // 2^n, n in [-116, 0]
+        float scale;
+        std::memcpy(&scale, &bits, sizeof scale);
+        const float e = p * scale;
+        const float th = std::copysign((1.0f - e) / (1.0f + e), u);
+        x[i] = 0.5f * v * (1.0f + th);
+    }
+}
 
 void linear(const LinearWeights& lw, const float* x, int rows, float* y, int threads) {
     const int panels = (lw.out + kPanel - 1) / kPanel;
