@@ -233,7 +233,7 @@ def bpb_rows(uri: str, threads: int) -> list[list]:
         split = TokenizedSplit(np.array(tok.encode(text), dtype=np.int64), len(text.encode()))
         result = evaluate(model, split, model.config.max_len, 16, torch.device("cpu"))
         base = base if base is not None else result.bpb
-        rows.append([label, f"{result.bpb:.4f}", f"{100 * (result.bpb / base - 1):+.2f}%"])
+        rows.append([label, f"{result.bpb:.5f}", f"{100 * (result.bpb / base - 1):+.3f}%"])
     return rows
 
 
