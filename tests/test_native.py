@@ -151,6 +151,8 @@ def test_interface_matches_gptmini(models):
         engine(ids, input_pos=126, cache=cache)
     with pytest.raises(ValueError, match="1 rows given to a KV cache made for 2"):
         engine(ids[:1], input_pos=0, cache=cache)
+    with pytest.raises(ValueError, match="input_pos=3 without a cache"):
+        engine(ids, input_pos=3)
     with pytest.raises(ValueError, match="token id 300 is outside the vocabulary 0..299"):
         engine(ids + 300, input_pos=0, cache=cache)
     assert "native" in repr(engine).lower() or "NativeGPT" in repr(engine)

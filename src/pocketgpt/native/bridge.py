@@ -98,7 +98,12 @@ class NativeGPT:
         return NativeKVCache(self._engine, batch_size, self.config.max_len)
 
     def _forward(self, idx: torch.Tensor, input_pos, cache, all_positions: bool) -> torch.Tensor:
-        if cache is None:  # a whole window: a throwaway cache, no padding
+        if cache is None:  # a whole window from position 0: a throwaway cache, no padding
+            if input_pos:
+                raise ValueError(
+                    f"input_pos={input_pos} without a cache: the native engine starts a window "
+                    "at position 0; pass cache=model.new_kv_cache(B)"
+                )
             cache = self.new_kv_cache(idx.size(0))
         elif not isinstance(cache, NativeKVCache):
             raise ConfigError("a NativeGPT needs its own cache: use model.new_kv_cache(B)")
