@@ -10,7 +10,9 @@ ARGS   ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt setup.py src/pocketgpt/tokenizer/_bpe_core.c
+NATIVE_SOURCES := $(wildcard src/pocketgpt/native/csrc/*.cpp src/pocketgpt/native/csrc/*.hpp)
+
+$(STAMP): pyproject.toml constraints.txt setup.py src/pocketgpt/tokenizer/_bpe_core.c $(NATIVE_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)

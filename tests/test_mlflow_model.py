@@ -199,6 +199,30 @@ def test_pyfunc_predict(trained):
     assert sampled == expected
 
 
+def test_pyfunc_engine_params(trained):
+    """engine/quantize/kernels are per-request params (serving too); default auto = native."""
+    import mlflow.pyfunc
+
+    from pocketgpt.errors import ConfigError
+    from pocketgpt.native import extension_error
+
+    mlflow.set_tracking_uri(trained["store"])
+    try:
+        pyfunc = mlflow.pyfunc.load_model("models:/tiny@best")
+    finally:
+        mlflow.set_tracking_uri(None)
+    params = pyfunc.metadata.get_params_schema().to_dict()
+    assert {p["name"]: p["default"] for p in params}["engine"] == "auto"
+    torch_text = pyfunc.predict(PROMPTS, params={"engine": "torch", "max_new_tokens": 8})
+    if extension_error() is None:
+        native = pyfunc.predict(PROMPTS, params={"engine": "native", "max_new_tokens": 8})
+        assert native == torch_text  # greedy: the same text
+        int8 = pyfunc.predict(PROMPTS, params={"engine": "native", "quantize": "int8"})
+        assert len(int8) == 2 and all(isinstance(t, str) for t in int8)
+    with pytest.raises(ConfigError, match="quantize=int8 needs the native engine"):
+        pyfunc.predict(PROMPTS, params={"engine": "torch", "quantize": "int8"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

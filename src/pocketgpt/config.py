@@ -137,6 +137,22 @@ class ExportFormat(StrEnum):
     onnx = "onnx"  # an ONNX graph with past key/value inputs, for ONNX Runtime
 
 
+class Engine(StrEnum):
+    auto = "auto"  # the native C++ engine where it can run the model on this device, else torch
+    native = "native"  # the native engine, or an error saying why it cannot run
+    torch = "torch"  # GPTMini in PyTorch: the readable reference
+
+
+class Quantize(StrEnum):
+    none = "none"  # fp32 weights
+    int8 = "int8"  # per-output-channel symmetric int8 weights, fp32 activations (native only)
+
+
+class Kernels(StrEnum):
+    optimized = "optimized"  # packed panels, register tiles, fused softmax, OpenMP threads
+    naive = "naive"  # plain loops, one thread: the readable reference (pocketgpt.native)
+
+
 def _positive(**values: float) -> None:
     for key, value in values.items():
         if value <= 0:
@@ -573,6 +589,42 @@ class SamplingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which inference engine runs a loaded model (``pocketgpt.load``, the generate command,
+    the pyfunc model); see docs/native.md."""
+
+    engine: Engine = Engine.torch
+    quantize: Quantize = Quantize.none
+    kernels: Kernels = Kernels.optimized
+    quantize_head: bool = False  # int8: the tied head (the largest matrix) in int8 too
+    threads: int | None = 1  # native engine threads (OpenMP); null = one per core
+
+    def __post_init__(self) -> None:
+        # Strings from Python callers and pyfunc params become the Enums (Hydra already does it).
+        for name, kind in (("engine", Engine), ("quantize", Quantize), ("kernels", Kernels)):
+            value = getattr(self, name)
+            try:
+                setattr(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(m.value for m in kind)
+                raise ConfigError(f"{name}={value!r} is not one of {allowed}") from None
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads={self.threads!r} must be a positive integer or null")
+        if self.engine == Engine.torch and self.quantize != Quantize.none:
+            raise ConfigError(
+                f"quantize={self.quantize.value} needs the native engine; set engine=native "
+                "(or engine=auto), or drop quantize"
+            )
+        if self.quantize_head and self.quantize != Quantize.int8:
+            raise ConfigError("quantize_head=true needs quantize=int8; set both, or drop it")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineConfig:
+        """The engine fields of any object that has them (e.g. a GenerateConfig)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+@dataclass
 class GenerateConfig(SamplingConfig):
     """The generate command: the sampling settings plus where the model comes from."""
 
@@ -585,16 +637,23 @@ class GenerateConfig(SamplingConfig):
     mode: Mode = Mode.min  # whether a lower or higher metric is better
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else ./mlruns
     device: Device = Device.cpu
-    # torch intra-op threads. 1: a model this small decodes fastest on one thread (its ops are
-    # too small to split, and on a busy machine extra threads wait on each other; see
-    # BENCHMARKS.md); null = torch's default.
+    # torch intra-op threads, and the native engine's OpenMP threads. 1: a model this small
+    # decodes fastest on one thread (its ops are too small to split, and on a busy machine extra
+    # threads wait on each other; see BENCHMARKS.md); null = the library's default.
     threads: int | None = 1
+    # The native C++ engine where it can run the model (CPU, default architecture), else PyTorch
+    # with a one-line notice; see EngineConfig and docs/native.md.
+    engine: Engine = Engine.auto
+    quantize: Quantize = Quantize.none
+    kernels: Kernels = Kernels.optimized
+    quantize_head: bool = False
     stream: bool = True  # print a single prompt's tokens as they come
     # Load once, then answer prompt after prompt typed on the terminal (stdin must be one).
     interactive: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        EngineConfig.from_settings(self)  # checks the engine settings together
         if self.interactive and self.prompts:
             raise ConfigError(
                 f"interactive=true reads its prompts from the terminal, and prompts="

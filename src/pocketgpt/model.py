@@ -249,6 +249,10 @@ class GPTMini(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty cache for ``batch_size`` rows on this model's device and dtype."""
         w = self.tok_emb.weight
@@ -277,6 +281,14 @@ class GPTMini(nn.Module):
         logits = self.lm_head(h)
         cap = self.config.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def last_logits(
+        self, idx: torch.Tensor, *, input_pos: int | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, vocab) of each row's last token: what sampling needs. The
+        head over all T positions of a prefill would cost as much as the blocks."""
+        h = self.hidden_states(idx, input_pos=input_pos, cache=cache)  # (B, T, C)
+        return self.logits(h[:, -1])  # (B, V)
 
     def hidden_states(
         self, idx: torch.Tensor, *, input_pos: int | None = None, cache: KVCache | None = None

@@ -43,8 +43,8 @@ def save_model(model: GPTMini, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GPTMini:
-    """Rebuild a GPTMini from a folder written by save_model."""
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a folder written by save_model (its weights file must exist too)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for p in (config_path, weights_path):
@@ -57,9 +57,16 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     if not isinstance(raw, dict) or raw.pop("architecture", None) != "GPTMini":
         raise ModelFileError(f"{config_path} does not describe a GPTMini model")
     try:
-        cfg = ModelConfig(**raw)
+        return ModelConfig(**raw)
     except (TypeError, ConfigError) as e:
         raise ModelFileError(f"{config_path} has unexpected or impossible fields ({e})") from None
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GPTMini:
+    """Rebuild a GPTMini from a folder written by save_model."""
+    directory = Path(directory)
+    cfg = read_model_config(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     try:
         state = load_file(str(weights_path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers

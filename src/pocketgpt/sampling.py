@@ -2,8 +2,12 @@
 
 This module is the sampling policy only; the model does the inference. The prompt runs once
 (prefill) into a ``KVCache`` of ``max_len`` slots per layer, then each new token is one call of
-the model's forward on that token (``GPTMini.hidden_states(ids, input_pos=, cache=)``). Each
+the model's forward on that token (``model.last_logits(ids, input_pos=, cache=)``). Each
 ``generate`` call allocates its own cache, so concurrent calls on one model share nothing.
+
+The model is anything with GPTMini's inference interface: ``config``, ``device``,
+``new_kv_cache(B)`` (a cache with ``reset(pads)``) and ``last_logits``. That is ``GPTMini``, or
+``pocketgpt.native.NativeGPT`` (the C++ engine): either way the policy here is the same code.
 
 Context limit: a prompt longer than ``max_len`` keeps its last ``max_len`` tokens (truncated
 from the left). When the sequence outgrows the context the window slides. With ``slide=1`` (the
@@ -64,13 +68,8 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _next_logits(model: GPTMini, ids: torch.Tensor, input_pos: int, cache: KVCache):
-    """ids (B, T) into cache slots input_pos.. -> logits (B, V) of the last one.
-
-    Only the last position is sampled from: the head over all T positions of a prefill would
-    cost as much as the blocks.
-    """
-    h = model.hidden_states(ids, input_pos=input_pos, cache=cache)  # (B, T, C)
-    return model.logits(h[:, -1])  # (B, V)
+    """ids (B, T) into cache slots input_pos.. -> logits (B, V) of the last one."""
+    return model.last_logits(ids, input_pos=input_pos, cache=cache)
 
 
 def _left_pad(
@@ -119,7 +118,7 @@ def generate(
     """
     max_len = model.config.max_len
     cfg.check(max_len)
-    device = model.tok_emb.weight.device
+    device = model.device
     prompt, pads = _left_pad(prompt_ids, model.config.vocab_size, device)
     B, T0 = prompt.shape
     if cfg.max_new_tokens == 0:

@@ -6,7 +6,9 @@
     pocketgpt-generate model_uri=models:/pocketgpt/3 'prompts=[Once upon,The river]'
     pocketgpt-generate model_uri=models:/pocketgpt@best interactive=true
 
-Settings: ``config.GenerateConfig``; ``model_uri`` takes every form ``pocketgpt.load`` does. A
+Settings: ``config.GenerateConfig``; ``model_uri`` takes every form ``pocketgpt.load`` does.
+``engine=auto`` (the default) generates on the native C++ engine where it can run the model
+(``engine=native|torch``, ``quantize=int8``, ``kernels=naive|optimized``: docs/native.md). A
 single prompt streams to the terminal token by token; a batch prints each prompt's text when all
 are done. ``interactive=true`` loads the model once and answers each line typed on the terminal
 (a blank line or Ctrl-D ends; Ctrl-C stops an answer, and at the prompt ends the session).
@@ -29,7 +31,7 @@ import hydra  # noqa: E402  (after STARTED, on purpose)
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command  # noqa: E402
-from pocketgpt.config import GenerateConfig, SamplingConfig  # noqa: E402
+from pocketgpt.config import EngineConfig, GenerateConfig, SamplingConfig  # noqa: E402
 from pocketgpt.errors import ConfigError, PocketGPTError  # noqa: E402
 
 PROMPT_MARK = "> "  # the interactive prompt, on stderr so stdout holds only generated text
@@ -67,7 +69,17 @@ def _load(cfg: GenerateConfig, err):
     if uri.startswith("best:"):
         uri, run_id, value = best_model_uri(uri[5:], cfg.metric, cfg.mode, cfg.tracking_uri)
         print(f"best run by {cfg.metric} ({cfg.mode}): {run_id} ({value:.4f}), {uri}", file=err)
-    return load(uri, cfg.device, tracking_uri=cfg.tracking_uri)
+    e = EngineConfig.from_settings(cfg)
+    return load(
+        uri,
+        cfg.device,
+        tracking_uri=cfg.tracking_uri,
+        engine=e.engine,
+        quantize=e.quantize,
+        kernels=e.kernels,
+        quantize_head=e.quantize_head,
+        threads=e.threads,
+    )
 
 
 class _Stream:
@@ -91,6 +103,17 @@ def _timing(n: int, start: float, stream: _Stream | None) -> str:
     return line
 
 
+def _engine_name(model, cfg: GenerateConfig) -> str:
+    """Where the tokens were computed: 'cpu (native optimized, int8)' or 'cpu (torch)'."""
+    from pocketgpt.model import GPTMini
+
+    if isinstance(model, GPTMini):
+        return f"{cfg.device} (torch)"
+    e = model.engine_config
+    quant = f", {e.quantize.value}" if e.quantize != "none" else ""
+    return f"{cfg.device} (native {e.kernels.value}{quant})"
+
+
 def _batch(model, tokenizer, sampling, prompts, cfg, out, err) -> list[str]:
     from pocketgpt.sampling import generate_rows
 
@@ -108,7 +131,7 @@ def _batch(model, tokenizer, sampling, prompts, cfg, out, err) -> list[str]:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             out.write(f"[{i}] {prompt}{text}\n")
     out.flush()
-    line = f"{timing}, {model.num_params():,} parameters on {cfg.device}"
+    line = f"{timing}, {model.num_params():,} parameters on {_engine_name(model, cfg)}"
     if stream is not None and stream.first is not None:
         line += f"; first token {stream.first - STARTED:.2f} s after start"
     print(line, file=err)

@@ -20,9 +20,11 @@ params={...})`` or ``mlflow models serve -m URI --env-manager local``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import shutil
 import tempfile
+import threading
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from pocketgpt import __version__
-from pocketgpt.config import SamplingConfig
+from pocketgpt.config import EngineConfig, GenerateConfig, SamplingConfig
 from pocketgpt.errors import SamplingError
 from pocketgpt.model import GPTMini
 from pocketgpt.model_io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_model
@@ -44,18 +46,33 @@ ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 _MLFLOW_TYPES = {int: "long", float: "double", bool: "boolean"}
 
 
+# The engine settings a request may choose (threads is the process's: model_config at load).
+ENGINE_PARAMS = ("engine", "quantize", "kernels", "quantize_head")
+
+
+def _mlflow_type(hint) -> str:
+    base = next(t for t in typing.get_args(hint) or (hint,) if t is not None)
+    return "string" if issubclass(base, enum.Enum) else _MLFLOW_TYPES[base]
+
+
 def param_types() -> dict[str, str]:
-    """Every SamplingConfig field a caller may pass as a param, with its MLflow type."""
-    hints = typing.get_type_hints(SamplingConfig)
-    types = {}
-    for f in dataclasses.fields(SamplingConfig):
-        base = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not None)
-        types[f.name] = _MLFLOW_TYPES[base]
-    return types
+    """Every param a caller may pass, with its MLflow type: the SamplingConfig fields and the
+    engine's (ENGINE_PARAMS)."""
+    hints = typing.get_type_hints(GenerateConfig)
+    names = [f.name for f in dataclasses.fields(SamplingConfig)] + list(ENGINE_PARAMS)
+    return {name: _mlflow_type(hints[name]) for name in names}
 
 
-def sampling_from_params(params: dict[str, Any] | None) -> SamplingConfig:
-    """pyfunc params -> a checked SamplingConfig; an unknown name is an error."""
+def param_defaults() -> dict[str, Any]:
+    """Each param's default: the generate command's (GenerateConfig), e.g. engine=auto."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerateConfig)}
+    return {k: getattr(defaults[k], "value", defaults[k]) for k in param_types()}
+
+
+def settings_from_params(
+    params: dict[str, Any] | None, threads: int | None = None
+) -> tuple[SamplingConfig, EngineConfig]:
+    """pyfunc params -> a checked SamplingConfig and EngineConfig; an unknown name is an error."""
     types = param_types()
     params = {k: v for k, v in (params or {}).items() if v is not None}
     unknown = sorted(set(params) - set(types))
@@ -63,14 +80,16 @@ def sampling_from_params(params: dict[str, Any] | None) -> SamplingConfig:
         raise SamplingError(
             f"unknown sampling param {unknown[0]!r}; expected some of {', '.join(types)}"
         )
-    cast = {"long": int, "double": float, "boolean": bool}
+    cast = {"long": int, "double": float, "boolean": bool, "string": str}
     try:
         values = {k: cast[types[k]](v) for k, v in params.items()}
     except (TypeError, ValueError):
         raise SamplingError(
             f"sampling params {params} must be numbers (and bools for stop_at_eos, use_cache)"
         ) from None
-    return SamplingConfig(**values)  # checks itself
+    engine = {k: values.pop(k) for k in ENGINE_PARAMS if k in values}
+    engine = {**{k: param_defaults()[k] for k in ENGINE_PARAMS}, **engine}
+    return SamplingConfig(**values), EngineConfig(**engine, threads=threads)  # check themselves
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -106,9 +125,10 @@ class PocketGPTModel(mlflow.pyfunc.PythonModel):
     """pyfunc: prompts -> generated continuations (the text after each prompt, up to <eos>).
 
     Input: a list of strings, or a one-column DataFrame of them (MLflow's schema enforcement
-    turns both into a DataFrame). Params: every SamplingConfig field (``param_types``).
-    ``model_config`` at load: ``device`` (default cpu) and ``threads`` (torch threads for the
-    process; default unchanged).
+    turns both into a DataFrame). Params: every SamplingConfig field, and the engine's
+    (``engine`` auto|native|torch, ``quantize``, ``kernels``, ``quantize_head``; default auto:
+    the native C++ engine where it can run the model). ``model_config`` at load: ``device``
+    (default cpu) and ``threads`` (torch's and the native engine's; default unchanged / 1).
     """
 
     def load_context(self, context) -> None:
@@ -118,28 +138,42 @@ class PocketGPTModel(mlflow.pyfunc.PythonModel):
         from pocketgpt.runtime import resolve_device
 
         config = context.model_config or {}
-        device = str(resolve_device(str(config.get("device", "cpu")), "model_config.device"))
+        self.device = str(resolve_device(str(config.get("device", "cpu")), "model_config.device"))
+        self.threads = int(config["threads"]) if config.get("threads") else 1
         if config.get("threads"):
-            torch.set_num_threads(int(config["threads"]))
-        weights = Path(context.artifacts["weights"])
+            torch.set_num_threads(self.threads)
+        self.model_dir = Path(context.artifacts["weights"]).parent
         self.model, self.tokenizer = load_files(
-            weights.parent, context.artifacts["tokenizer"], device
+            self.model_dir, context.artifacts["tokenizer"], self.device
         )
+        self._engines: dict[tuple, Any] = {}  # engine settings -> NativeGPT, or None for torch
+        self._engines_lock = threading.Lock()
+
+    def _model_for(self, cfg: EngineConfig):
+        """The model a request's engine settings ask for, each engine built once and kept."""
+        from pocketgpt.native import open_engine
+
+        key = (cfg.engine, cfg.quantize, cfg.kernels, cfg.quantize_head)
+        with self._engines_lock:  # serving threads: build each engine once
+            if key not in self._engines:
+                self._engines[key] = open_engine(self.model_dir, self.device, cfg)
+        return self._engines[key] or self.model
 
     # The DataFrame hint tells MLflow to use signature() as given: a list[str] hint would make it
     # infer a signature from the hint and drop the params schema.
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
-        cfg = sampling_from_params(params)
-        return generate_text(self.model, self.tokenizer, _prompts(model_input), cfg)
+        sampling, engine = settings_from_params(params, self.threads)
+        model = self._model_for(engine)
+        return generate_text(model, self.tokenizer, _prompts(model_input), sampling)
 
 
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    defaults = dataclasses.asdict(SamplingConfig())
+    defaults = param_defaults()
     return ModelSignature(
         # One unnamed string column: accepts {"inputs": [...]} and dataframe_records alike.
         inputs=Schema([ColSpec("string")]),
