@@ -154,8 +154,9 @@ def run_contender(name: str, args, seed: int) -> dict:
     return res
 
 
-def time_to(curve: list[dict], target: float) -> float | None:
-    return next((p["time"] for p in curve if p["bpb"] <= target + 1e-9), None)
+def first_at(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation at or below ``target`` bpb."""
+    return next((p for p in curve if p["bpb"] <= target + 1e-9), None)
 
 
 def bpb_at(curve: list[dict], seconds: float) -> float:
@@ -177,12 +178,13 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
     budget = statistics.median(ref[s]["curve"][-1]["time"] for s in ref)
     rows, extra = [], []
     for name, per_seed in results.items():
-        ratios, at_budget, finals, ms = [], [], [], []
+        ratios, steps, at_budget, finals, ms = [], [], [], [], []
         for seed, r in per_seed.items():
             curve = r["curve"]
             target = ref[seed]["curve"][-1]["bpb"]
-            t = time_to(curve, target)
-            ratios.append(t / ref[seed]["curve"][-1]["time"] if t is not None else None)
+            hit = first_at(curve, target)
+            ratios.append(hit["time"] / ref[seed]["curve"][-1]["time"] if hit else None)
+            steps.append(hit["step"] if hit else None)
             at_budget.append(bpb_at(curve, budget))
             finals.append(curve[-1]["bpb"])
             ms.append(1000 * curve[-1]["time"] / curve[-1]["step"])
@@ -190,12 +192,14 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
         ratio = spread(reached, "{:.2f}x") + (
             f", {len(reached)} of {len(ratios)} seeds" if len(reached) < len(ratios) else ""
         )
+        step_cells = ", ".join(str(x) if x is not None else "-" for x in steps)
         rows.append(
             [
                 f"**{name}**" if name == "fast" else name,
                 " ".join(f"`{o}`" for o in CONTENDERS[name][0] or []) or "-",
                 spread(finals),
                 spread(at_budget),
+                step_cells,
                 ratio if reached else "not reached",
                 f"{statistics.median(ms):.0f}",
             ]
@@ -214,7 +218,8 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
             "overrides",
             f"final bpb at step {args.steps}",
             f"bpb at {budget:.0f} s",
-            "time to the reference's final bpb",
+            "step reaching the reference's final bpb, per seed",
+            "time to it / the reference's time",
             "ms/step",
         ],
         rows,
