@@ -159,14 +159,20 @@ def first_at(curve: list[dict], target: float) -> dict | None:
     return next((p for p in curve if p["bpb"] <= target + 1e-9), None)
 
 
-def bpb_at(curve: list[dict], seconds: float) -> float:
-    """The last evaluation at or before ``seconds`` of training."""
-    return [p for p in curve if p["time"] <= seconds + 1e-9][-1]["bpb"]
+def bpb_at(curve: list[dict], seconds: float) -> float | None:
+    """The last evaluation at or before ``seconds`` of training (None: none that early)."""
+    before = [p for p in curve if p["time"] <= seconds + 1e-9]
+    return before[-1]["bpb"] if before else None
 
 
-def spread(values: list[float], fmt: str = "{:.4f}") -> str:
+def spread(values: list[float | None], fmt: str = "{:.4f}") -> str:
+    """median (min-max) of the values given; a None (no figure) is left out and counted."""
+    missing = values.count(None)
+    values = [v for v in values if v is not None]
     if not values:
         return "-"
+    if missing:
+        return spread(values, fmt) + f", {len(values)} of {len(values) + missing} seeds"
     med = fmt.format(statistics.median(values))
     return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
@@ -189,9 +195,7 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
             finals.append(curve[-1]["bpb"])
             ms.append(1000 * curve[-1]["time"] / curve[-1]["step"])
         reached = [x for x in ratios if x is not None]
-        ratio = spread(reached, "{:.2f}x") + (
-            f", {len(reached)} of {len(ratios)} seeds" if len(reached) < len(ratios) else ""
-        )
+        ratio = spread(ratios, "{:.2f}x")
         step_cells = ", ".join(str(x) if x is not None else "-" for x in steps)
         rows.append(
             [

@@ -85,6 +85,7 @@ def test_configs_ship_inside_the_package():
     assert (conf / "experiment").is_dir() and not (conf / "experiment").is_symlink()
     assert sorted(p.stem for p in (conf / "experiment").glob("*.yaml")) == [
         "baseline",
+        "fast",
         "lr_sweep",
         "model_size",
         "optuna_search",
