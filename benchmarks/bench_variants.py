@@ -255,8 +255,8 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2])
