@@ -154,18 +154,25 @@ def run_contender(name: str, args, seed: int) -> dict:
     return res
 
 
-def time_to(curve: list[dict], target: float) -> float | None:
-    return next((p["time"] for p in curve if p["bpb"] <= target + 1e-9), None)
+def first_at(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation at or below ``target`` bpb."""
+    return next((p for p in curve if p["bpb"] <= target + 1e-9), None)
 
 
-def bpb_at(curve: list[dict], seconds: float) -> float:
-    """The last evaluation at or before ``seconds`` of training."""
-    return [p for p in curve if p["time"] <= seconds + 1e-9][-1]["bpb"]
+def bpb_at(curve: list[dict], seconds: float) -> float | None:
+    """The last evaluation at or before ``seconds`` of training (None: none that early)."""
+    before = [p for p in curve if p["time"] <= seconds + 1e-9]
+    return before[-1]["bpb"] if before else None
 
 
-def spread(values: list[float], fmt: str = "{:.4f}") -> str:
+def spread(values: list[float | None], fmt: str = "{:.4f}") -> str:
+    """median (min-max) of the values given; a None (no figure) is left out and counted."""
+    missing = values.count(None)
+    values = [v for v in values if v is not None]
     if not values:
         return "-"
+    if missing:
+        return spread(values, fmt) + f", {len(values)} of {len(values) + missing} seeds"
     med = fmt.format(statistics.median(values))
     return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
@@ -177,25 +184,26 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
     budget = statistics.median(ref[s]["curve"][-1]["time"] for s in ref)
     rows, extra = [], []
     for name, per_seed in results.items():
-        ratios, at_budget, finals, ms = [], [], [], []
+        ratios, steps, at_budget, finals, ms = [], [], [], [], []
         for seed, r in per_seed.items():
             curve = r["curve"]
             target = ref[seed]["curve"][-1]["bpb"]
-            t = time_to(curve, target)
-            ratios.append(t / ref[seed]["curve"][-1]["time"] if t is not None else None)
+            hit = first_at(curve, target)
+            ratios.append(hit["time"] / ref[seed]["curve"][-1]["time"] if hit else None)
+            steps.append(hit["step"] if hit else None)
             at_budget.append(bpb_at(curve, budget))
             finals.append(curve[-1]["bpb"])
             ms.append(1000 * curve[-1]["time"] / curve[-1]["step"])
         reached = [x for x in ratios if x is not None]
-        ratio = spread(reached, "{:.2f}x") + (
-            f", {len(reached)} of {len(ratios)} seeds" if len(reached) < len(ratios) else ""
-        )
+        ratio = spread(ratios, "{:.2f}x")
+        step_cells = ", ".join(str(x) if x is not None else "-" for x in steps)
         rows.append(
             [
                 f"**{name}**" if name == "fast" else name,
                 " ".join(f"`{o}`" for o in CONTENDERS[name][0] or []) or "-",
                 spread(finals),
                 spread(at_budget),
+                step_cells,
                 ratio if reached else "not reached",
                 f"{statistics.median(ms):.0f}",
             ]
@@ -214,7 +222,8 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
             "overrides",
             f"final bpb at step {args.steps}",
             f"bpb at {budget:.0f} s",
-            "time to the reference's final bpb",
+            "step reaching the reference's final bpb, per seed",
+            "time to it / the reference's time",
             "ms/step",
         ],
         rows,
@@ -246,8 +255,8 @@ def report(args, results: dict[str, dict[int, dict]], loads: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2])

@@ -147,8 +147,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             end = start + T
-            kv[0, :, :, start:end] = k  # this window's keys and values into their slots
-            kv[1, :, :, start:end] = v
+            # This window's keys and values into their slots: one copy while k is still qkv's.
+            if rope is None and not self.qk_norm:
+                kv[:, :, :, start:end] = qkv[1:]
+            else:
+                kv[0, :, :, start:end], kv[1, :, :, start:end] = k, v
             k, v = kv[:, :, :, :end].unbind(0)  # 2 x (B, nh, end, hs): the filled slots, views
         y = F.scaled_dot_product_attention(
             q,
