@@ -52,7 +52,7 @@ from pocketgpt.model_io import save_model
 from pocketgpt.native import open_engine
 from pocketgpt.sampling import SamplingConfig, generate
 
-SECTION = "(g) Native engine"
+SECTION = "(h) Native engine"
 VOCAB, PROMPT, NEW = 8192, 16, 112
 BASE = "torch"
 NATIVE = {  # contender -> EngineConfig settings

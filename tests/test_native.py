@@ -245,9 +245,10 @@ def test_corrupt_or_truncated_weights_are_one_line_errors(models, tmp_path):
 
 def test_auto_falls_back_to_pytorch_with_a_notice(models, monkeypatch, caplog):
     model, folder = models[True]
-    # A model variant the engine does not implement (the fields of issue 16's ModelConfig).
-    Rope = dataclasses.make_dataclass("Rope", [("position", str, "rope")], bases=(ModelConfig,))
-    assert unsupported_reason(Rope(**model.config.to_dict())) == "position=rope"
+    # Model variants the engine does not implement (ModelConfig's variant keys).
+    for key, value in [("position", "rope"), ("norm", "rmsnorm"), ("qk_norm", True)]:
+        variant = dataclasses.replace(model.config, **{key: value})
+        assert unsupported_reason(variant) == f"{key}={getattr(variant, key)}"
     assert unsupported_reason(model.config) is None
     # A machine where the extension could not be built: importing it fails.
     monkeypatch.setitem(sys.modules, "pocketgpt.native._engine", None)
