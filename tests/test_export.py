@@ -297,3 +297,9 @@ def test_a_failed_export_leaves_the_old_folder_and_no_temporary_one(tmp_path):
         (staging / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_a_required_setting_left_out_is_one_line(tmp_path):
+    r = _export_cli("model_uri=runs:/abc/model", "format=hf", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: out is missing; add out=exported/hf\n"
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even Hydra's output folder

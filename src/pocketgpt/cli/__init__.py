@@ -1,4 +1,5 @@
-"""Command-line entry points: ``pocketgpt-train``, ``pocketgpt-generate``, ``pocketgpt-compare``.
+"""Command-line entry points: ``pocketgpt-train``, ``-generate``, ``-compare``, ``-export``,
+``-evaluate`` and ``-import-journal``.
 
 Each command only composes its settings, calls the library and prints. They share
 ``one_line_errors``: any ``PocketGPTError`` (a bad setting, file, URI or store) ends the command
@@ -17,6 +18,17 @@ from pocketgpt.config import register_configs
 from pocketgpt.errors import PocketGPTError
 
 CONFIG_PACKAGE = "pkg://pocketgpt.conf"  # Hydra's configs ship inside the package
+
+
+def require_settings(dcfg, examples: dict[str, str]) -> None:
+    """Exit 2 with one line naming the first required setting (``???`` in its schema) that was
+    not given, and an example of it; ``examples``: {key: example value}."""
+    from omegaconf import OmegaConf
+
+    for key, example in examples.items():
+        if OmegaConf.is_missing(dcfg, key):
+            print(f"error: {key} is missing; add {key}={example}", file=sys.stderr)
+            sys.exit(2)
 
 
 def quiet_mlflow() -> None:

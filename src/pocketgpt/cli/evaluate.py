@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, require_settings, run_hydra_command
 from pocketgpt.config import EvaluateConfig
 
 
@@ -58,9 +58,7 @@ def run(cfg: EvaluateConfig, out=None) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
 def _hydra_main(dcfg: DictConfig) -> None:
-    if OmegaConf.is_missing(dcfg, "model_uri"):
-        print("error: model_uri is missing; add model_uri=runs:/RUN_ID/model", file=sys.stderr)
-        sys.exit(2)
+    require_settings(dcfg, {"model_uri": "runs:/RUN_ID/model"})
     with one_line_errors():
         run(OmegaConf.to_object(dcfg))
 

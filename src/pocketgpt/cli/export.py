@@ -11,12 +11,10 @@ source run (artifact path ``export/hf`` or ``export/onnx``).
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, require_settings, run_hydra_command
 from pocketgpt.config import ExportConfig
 
 
@@ -40,10 +38,7 @@ def run(cfg: ExportConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="export")
 def _hydra_main(dcfg: DictConfig) -> None:
-    for key, example in (("model_uri", "runs:/RUN_ID/model"), ("out", "exported/hf")):
-        if OmegaConf.is_missing(dcfg, key):
-            print(f"error: {key} is missing; add {key}={example}", file=sys.stderr)
-            sys.exit(2)
+    require_settings(dcfg, {"model_uri": "runs:/RUN_ID/model", "out": "exported/hf"})
     with one_line_errors():
         run(OmegaConf.to_object(dcfg))
 

@@ -30,7 +30,7 @@ STARTED = time.perf_counter()
 import hydra  # noqa: E402  (after STARTED, on purpose)
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, run_hydra_command  # noqa: E402
+from pocketgpt.cli import CONFIG_PACKAGE, one_line_errors, require_settings, run_hydra_command  # noqa: E402
 from pocketgpt.config import EngineConfig, GenerateConfig, SamplingConfig  # noqa: E402
 from pocketgpt.errors import ConfigError, PocketGPTError  # noqa: E402
 
@@ -174,13 +174,9 @@ def chat(model, tokenizer, sampling: SamplingConfig, inp, out, err) -> list[str]
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="generate")
 def _hydra_main(dcfg: DictConfig) -> None:
-    if OmegaConf.is_missing(dcfg, "model_uri"):
-        print(
-            "error: model_uri is missing; add model_uri=runs:/RUN_ID/model (or models:/NAME@ALIAS,"
-            " models:/NAME/VERSION, best:EXPERIMENT, a folder)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    uris = "runs:/RUN_ID/model (or models:/NAME@ALIAS, models:/NAME/VERSION, best:EXPERIMENT, "
+    uris += "a folder)"
+    require_settings(dcfg, {"model_uri": uris})
     with one_line_errors():
         try:
             run(OmegaConf.to_object(dcfg))
