@@ -59,6 +59,13 @@ def gpt2_config(model: GPTMini, tokenizer: Any) -> dict[str, Any]:
         "layer_norm_epsilon": NORM_EPS,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
+        **_shared_config(model, tokenizer),
+    }
+
+
+def _shared_config(model: GPTMini, tokenizer: Any) -> dict[str, Any]:
+    """The config.json keys both layouts write alike: cache, head tying, special ids, dtype."""
+    return {
         "use_cache": True,
         "tie_word_embeddings": _tied(model),
         "bos_token_id": tokenizer.bos_id,
@@ -137,12 +144,7 @@ def llama_config(model: GPTMini, tokenizer: Any) -> dict[str, Any]:
         "attention_dropout": cfg.dropout,
         "initializer_range": 0.02,
         "pretraining_tp": 1,
-        "use_cache": True,
-        "tie_word_embeddings": _tied(model),
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "dtype": "float32",
+        **_shared_config(model, tokenizer),
     }
 
 
